@@ -1,0 +1,299 @@
+"""The command line: `engine run`, `engine master`, `engine worker`.
+
+Exit codes:
+
+\b
+  0    the run completed and no item failed
+  1    an error stopped the command (the message names it)
+  2    invalid command line or run parameter
+  3    the run completed, but some items ended in a fail queue
+  4    a node failed: it could not start, or crashed past its restart budget
+  130  interrupted by Ctrl-C
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from engine.errors import EngineError, ParameterError
+from engine.logs import LOG_LEVELS, configure_logging
+
+logger = logging.getLogger(__name__)
+
+SECRET_VARIABLE = "MONOMYTH_SECRET"
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of every engine command."""
+
+    OK = 0
+    """The command or run completed and no item failed."""
+    ERROR = 1
+    """An error stopped the command; the message on stderr names it."""
+    USAGE = 2
+    """An invalid argument, option or run parameter."""
+    ITEMS_FAILED = 3
+    """The run completed, but some items ended in a fail queue."""
+    NODE_FAILED = 4
+    """A node could not start, or crashed more often than its restart budget."""
+    INTERRUPTED = 130
+    """Stopped by Ctrl-C (SIGINT)."""
+
+
+def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for value in values:
+        key, separator, text = value.partition("=")
+        if not separator or not key:
+            raise click.BadParameter(
+                f"invalid parameter {value!r}: expected KEY=VALUE, for example "
+                "-p input=book.txt",
+                param_hint="-p/--param",
+            )
+        params[key] = text
+    return params
+
+
+def _parse_address(value: str, option: str) -> tuple[str, int]:
+    host, separator, port = value.rpartition(":")
+    if not separator or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(
+            f"invalid address {value!r}: expected HOST:PORT, for example "
+            "127.0.0.1:7600",
+            param_hint=option,
+        )
+    return host, int(port)
+
+
+def _read_secret(secret_file: Path | None) -> bytes | None:
+    if secret_file is not None:
+        secret = secret_file.read_text().strip()
+        if not secret:
+            raise click.BadParameter(
+                f"secret file {str(secret_file)!r} is empty; write the cluster "
+                "secret into it",
+                param_hint="--secret-file",
+            )
+        return secret.encode()
+    secret = os.environ.get(SECRET_VARIABLE, "").strip()
+    return secret.encode() if secret else None
+
+
+@click.group(help=__doc__)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="Lowest level of log records to show; debug also shows tracebacks.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log records as text lines or as one JSON object per line.",
+)
+@click.version_option(package_name="monomyth")
+@click.pass_context
+def cli(context: click.Context, log_level: str, log_format: str) -> None:
+    """Run Monomyth pipelines on one machine or a cluster."""
+    configure_logging(log_level, log_format)  # type: ignore[arg-type]
+    context.obj = {"log_level": log_level.lower(), "log_format": log_format}
+
+
+@cli.command()
+@click.argument(
+    "pipeline_file", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "-p",
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Set a run parameter of the pipeline; repeat for several.",
+)
+@click.option(
+    "--stream",
+    "stream_url",
+    metavar="URL",
+    help="Data stream URL; default sqlite:///.monomyth/<pipeline>.db in the "
+    "current folder.",
+)
+@click.option(
+    "--pipeline",
+    "pipeline_name",
+    metavar="NAME",
+    help="Which pipeline to run when the file defines several.",
+)
+@click.option(
+    "--purge",
+    is_flag=True,
+    help="Delete items that an earlier, unfinished run left in the stream.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds that nodes get to finish their batch on Ctrl-C or at the "
+    "end, before they are killed.",
+)
+@click.pass_context
+def run(
+    context: click.Context,
+    pipeline_file: Path,
+    params: tuple[str, ...],
+    stream_url: str | None,
+    pipeline_name: str | None,
+    purge: bool,
+    drain_timeout: float,
+) -> None:
+    """Run PIPELINE_FILE on this machine: a master, a worker and its nodes.
+
+    Shows live progress per node and ends with a summary. Needs no service:
+    the data stream is an SQLite file.
+    """
+    from engine.run import LocalRun
+
+    overrides = _parse_params(params)
+    try:
+        local_run = LocalRun(
+            pipeline_file,
+            overrides,
+            stream_url=stream_url,
+            pipeline_name=pipeline_name,
+            purge=purge,
+            drain_timeout_s=drain_timeout,
+            log_level=context.obj["log_level"],
+            log_format=context.obj["log_format"],
+        )
+    except ParameterError as exc:
+        raise click.UsageError(str(exc)) from exc
+    outcome = local_run.execute()
+    if outcome.status == "interrupted":
+        context.exit(ExitCode.INTERRUPTED)
+    if outcome.has_node_failures:
+        context.exit(ExitCode.NODE_FAILED)
+    if outcome.failed_items:
+        context.exit(ExitCode.ITEMS_FAILED)
+
+
+@cli.command()
+@click.option(
+    "--master",
+    "master_address",
+    required=True,
+    metavar="HOST:PORT",
+    help="Address of the master's MMOP port.",
+)
+@click.option(
+    "--secret-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=f"File holding the cluster secret; default: ${SECRET_VARIABLE}.",
+)
+@click.option(
+    "--stream",
+    "stream_url",
+    metavar="URL",
+    help="Data stream URL for this worker's nodes; default: the master's.",
+)
+@click.option(
+    "--exit-with-master",
+    is_flag=True,
+    help="Drain and exit when the master connection closes, instead of reconnecting.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds to keep trying the first connection to the master.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds that nodes get to finish their batch on shutdown, before "
+    "they are killed.",
+)
+@click.pass_context
+def worker(
+    context: click.Context,
+    master_address: str,
+    secret_file: Path | None,
+    stream_url: str | None,
+    exit_with_master: bool,
+    connect_timeout: float,
+    drain_timeout: float,
+) -> None:
+    """Run the nodes that a master starts on this host, one process each."""
+    from engine.worker import Worker
+
+    host, port = _parse_address(master_address, "--master")
+    secret = _read_secret(secret_file)
+    if secret is None:
+        raise click.UsageError(
+            f"missing cluster secret: pass --secret-file PATH or set "
+            f"${SECRET_VARIABLE}, the same as the master's"
+        )
+    supervisor = Worker(
+        host,
+        port,
+        secret,
+        stream_url=stream_url,
+        exit_with_master=exit_with_master,
+        connect_timeout_s=connect_timeout,
+        drain_timeout_s=drain_timeout,
+        log_level=context.obj["log_level"],
+        log_format=context.obj["log_format"],
+    )
+    supervisor.connect()
+    context.exit(supervisor.run())
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the `engine` command; the console-script entry point."""
+    _run(cli, args, "engine")
+
+
+def worker_main(args: list[str] | None = None) -> None:
+    """Run `engine-worker`, the same as `engine worker`."""
+    _run(cli, ["worker", *(sys.argv[1:] if args is None else args)], "engine-worker")
+
+
+def master_main(args: list[str] | None = None) -> None:
+    """Run `engine-master`, the same as `engine master`."""
+    _run(cli, ["master", *(sys.argv[1:] if args is None else args)], "engine-master")
+
+
+def _run(group: click.Group, args: list[str] | None, name: str) -> None:
+    try:
+        # Without standalone mode, click returns the code of `context.exit`.
+        code = group.main(args=args, prog_name=name, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(ExitCode.USAGE if exc.exit_code == 2 else exc.exit_code)
+    except EngineError as exc:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            logger.exception("command failed")
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(ExitCode.ERROR)
+    sys.exit(code if isinstance(code, int) else ExitCode.OK)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""What a node's functions and hooks see of the run: `NodeContext` and `param`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import ParameterError
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A placeholder for a run parameter, resolved in each node process.
+
+    Built-in nodes take a `Param` wherever they take a value, so that a
+    pipeline file can say `SQLiteSink(path=param("output"))` and leave the
+    value to `engine run -p output=counts.db`.
+    """
+
+    name: str
+
+
+def param(name: str) -> Param:
+    """Refer to the run parameter `name`; nodes resolve it with `ctx.resolve`."""
+    if not isinstance(name, str) or not name:
+        raise ParameterError(f"invalid parameter name {name!r}: expected a name")
+    return Param(name)
+
+
+@dataclass(slots=True)
+class NodeContext:
+    """The run as seen from inside one node process.
+
+    A node function takes it as its last argument when it declares one, and
+    `setup` and `teardown` hooks always get it.
+    """
+
+    pipeline: str
+    node: str
+    params: Mapping[str, Any]
+    # Index of this process among the node's processes, 0 <= index < count.
+    process_index: int = 0
+    process_count: int = 1
+    # What the node's `setup` hook returned, for the node function to use.
+    state: Any = None
+    # Ids of the items that the node function is called with now: one for a
+    # plain node, the whole batch for a batched one. Sinks record them to
+    # skip items they applied before.
+    item_ids: list[str] = field(default_factory=list)
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("node"))
+
+    def resolve(self, value: Any) -> Any:
+        """Return `value`, or the run parameter it names if it is a `Param`."""
+        if not isinstance(value, Param):
+            return value
+        try:
+            return self.params[value.name]
+        except KeyError:
+            known = ", ".join(repr(name) for name in sorted(self.params)) or "none"
+            raise ParameterError(
+                f"missing run parameter {value.name!r} for node {self.node!r}; "
+                f"pass it with -p {value.name}=VALUE (known parameters: {known})"
+            ) from None

@@ -1,0 +1,72 @@
+"""Items between nodes: the envelope, its encodings and its ids.
+
+Every message on a data queue is an envelope `{"id", "attempt", "payload"}`,
+plus `"errors"` once an attempt failed. JSON is the default encoding, so that
+decoding an item from a queue can never run code; a pipeline opts in to
+pickle with `Pipeline(..., serializer="pickle")`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from typing import Any
+
+from engine.errors import EngineError
+
+
+class EncodingError(EngineError):
+    """An item cannot be encoded with the pipeline's serializer."""
+
+
+class DecodingError(EngineError):
+    """A message on a queue is not a valid item envelope."""
+
+
+def encode(envelope: dict[str, Any], serializer: str) -> bytes:
+    """Encode an envelope; raises `EncodingError` naming the value's problem."""
+    if serializer == "pickle":
+        try:
+            return pickle.dumps(envelope, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise EncodingError(f"item cannot be pickled: {exc}") from exc
+    try:
+        return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise EncodingError(
+            f"item is not JSON-serializable ({exc}); return dicts, lists, str, "
+            "int, float, bool or None, or declare Pipeline(..., "
+            "serializer='pickle')"
+        ) from exc
+
+
+def decode(body: bytes, serializer: str) -> dict[str, Any]:
+    """Decode a message body into an envelope; raises `DecodingError`."""
+    try:
+        envelope = pickle.loads(body) if serializer == "pickle" else json.loads(body)
+    except Exception as exc:
+        raise DecodingError(f"message is not a valid {serializer} item: {exc}") from exc
+    if not isinstance(envelope, dict) or "payload" not in envelope:
+        raise DecodingError(
+            f"message is not an item envelope: {body[:80]!r}; only the engine "
+            "should publish to a pipeline's queues"
+        )
+    return envelope
+
+
+def source_item_id(node: str, position: int) -> str:
+    """Return the id of the item that source `node` yielded at `position`."""
+    return f"{node}:{position}"
+
+
+def derived_item_id(parent_id: str, node: str, index: int) -> str:
+    """Return the id of the `index`-th result of `node` for item `parent_id`.
+
+    The same input always gives the same ids, so a sink can recognize an item
+    it applied before, whatever crashed and redelivered in between.
+    """
+    digest = hashlib.blake2b(
+        f"{parent_id}\x00{node}\x00{index}".encode(), digest_size=12
+    ).hexdigest()
+    return f"{node}:{digest}"

@@ -1,0 +1,264 @@
+"""`engine run`: a whole pipeline on this machine, with no service to install.
+
+    engine run PIPELINE.py              LocalRun: master (threads) and display
+    └── engine worker --exit-with-master      the worker, one process
+        ├── node process worker-1/<pipeline>.<node>#1
+        └── ...
+
+The run uses the same master, worker and MMOP as a cluster, over loopback
+with a secret generated for the run, and the embedded SQLite stream. It ends
+when every node type has completed or failed. Ctrl-C drains the worker: each
+node finishes and acks its batch, runs `teardown` and exits, so nothing pulled
+is lost. A second Ctrl-C kills the worker and its nodes; what they had pulled
+stays in the stream file and is delivered again when its lease expires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import EngineError
+from engine.loader import load_pipeline
+from engine.master import Master, TypeState
+from engine.progress import ProgressDisplay, format_summary
+from engine.streams import open_stream, redact_url
+
+logger = logging.getLogger(__name__)
+
+SECRET_VARIABLE = "MONOMYTH_SECRET"
+REFRESH_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """How a run ended."""
+
+    # One of "completed", "failed", "interrupted".
+    status: str
+    has_node_failures: bool
+    failed_items: int
+    elapsed_s: float
+
+
+def default_stream_url(pipeline_name: str) -> str:
+    """Return the embedded stream URL of a pipeline: `.monomyth/<name>.db` here."""
+    return f"sqlite:///.monomyth/{pipeline_name}.db"
+
+
+class LocalRun:
+    """Run one pipeline file with a master and one worker on this machine."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        overrides: dict[str, str],
+        stream_url: str | None = None,
+        pipeline_name: str | None = None,
+        purge: bool = False,
+        drain_timeout_s: float = 60.0,
+        log_level: str = "info",
+        log_format: str = "text",
+        display: ProgressDisplay | None = None,
+    ) -> None:
+        self.pipeline = load_pipeline(path, pipeline_name)
+        self.pipeline.check()
+        self.params = self.pipeline.resolve_params(overrides)
+        self.path = Path(path).resolve()
+        self.stream_url = stream_url or default_stream_url(self.pipeline.name)
+        self.purge = purge
+        self.drain_timeout_s = drain_timeout_s
+        self.log_level = log_level
+        self.log_format = log_format
+        self.display = display or ProgressDisplay(f"pipeline {self.pipeline.name}")
+        self.interrupts = 0
+        self.worker: subprocess.Popen | None = None
+        self.master: Master | None = None
+
+    def execute(self) -> RunOutcome:
+        """Run the pipeline to its end and print the summary."""
+        stream = open_stream(self.stream_url, owner="engine-run")
+        try:
+            self._prepare_queues(stream)
+            for hook in self.pipeline.start_hooks:
+                hook(self.params)
+            started = time.monotonic()
+            secret = secrets.token_hex(32)
+            self.master = Master(secret.encode(), self.stream_url)
+            self.master.start()
+            previous = signal.signal(signal.SIGINT, self._on_interrupt)
+            try:
+                self.master.add_pipeline(self.pipeline, self.params)
+                self.worker = self._start_worker(self.master.port, secret)
+                self.master.start_pipeline(self.pipeline.name)
+                with self.display:
+                    status = self._watch(stream)
+                    self._stop_worker()
+                    self._show(stream)
+            finally:
+                signal.signal(signal.SIGINT, previous)
+                self.master.close()
+            return self._finish(stream, status, time.monotonic() - started)
+        finally:
+            stream.close()
+
+    def _prepare_queues(self, stream: Any) -> None:
+        queues = self.pipeline.data_queues()
+        stream.declare(self.pipeline.all_queues())
+        leftover = sum(stream.depths(queues).values())
+        if not leftover:
+            return
+        if not self.purge:
+            raise EngineError(
+                f"stream {redact_url(self.stream_url)} holds {leftover} items of "
+                f"pipeline {self.pipeline.name!r} left by an earlier run that did "
+                "not finish; pass --purge to delete them before this run"
+            )
+        logger.warning(
+            "deleting %d items left by an earlier run of pipeline %s",
+            leftover,
+            self.pipeline.name,
+        )
+        stream.delete_queues(queues)
+        stream.declare(queues)
+
+    def _start_worker(self, port: int, secret: str) -> subprocess.Popen:
+        env = dict(os.environ)
+        env[SECRET_VARIABLE] = secret
+        # Modules beside the pipeline file import on the worker as they do here.
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(self.path.parent), env.get("PYTHONPATH", "")) if p
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "--log-level",
+            self.log_level,
+            "--log-format",
+            self.log_format,
+            "worker",
+            "--master",
+            f"127.0.0.1:{port}",
+            "--exit-with-master",
+            "--drain-timeout",
+            str(self.drain_timeout_s),
+        ]
+        # A session of its own keeps Ctrl-C away from the worker and its nodes:
+        # this process decides how they stop.
+        worker = subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        threading.Thread(
+            target=self._forward_output,
+            args=(worker,),
+            name="worker-output",
+            daemon=True,
+        ).start()
+        return worker
+
+    def _forward_output(self, worker: subprocess.Popen) -> None:
+        for line in iter(worker.stdout.readline, b""):
+            self.display.print(line.decode("utf-8", "replace").rstrip("\n"))
+
+    def _on_interrupt(self, signum: int, frame: object) -> None:
+        self.interrupts += 1
+
+    def _watch(self, stream: Any) -> str:
+        """Show progress until the pipeline ends, the worker dies, or Ctrl-C."""
+        name = self.pipeline.name
+        handled_interrupts = 0
+        while True:
+            self._show(stream)
+            if self.interrupts > handled_interrupts:
+                handled_interrupts = self.interrupts
+                if handled_interrupts == 1:
+                    self.display.print(
+                        "interrupted: draining nodes (press Ctrl-C again to kill them)"
+                    )
+                    self.master.shutdown_workers(self.drain_timeout_s)
+                else:
+                    self.display.print("interrupted again: killing the worker")
+                    self._kill_worker()
+            if self.worker.poll() is not None:
+                if handled_interrupts:
+                    return "interrupted"
+                if self.master.is_pipeline_done(name):
+                    return "done"
+                raise EngineError(
+                    f"the worker exited with code {self.worker.returncode} before "
+                    f"pipeline {name!r} finished; see its log lines above"
+                )
+            if not handled_interrupts and self.master.wait_pipeline(
+                name, REFRESH_INTERVAL_S
+            ):
+                return "done"
+            if handled_interrupts:
+                time.sleep(REFRESH_INTERVAL_S)
+
+    def _show(self, stream: Any) -> None:
+        stats = self.master.type_stats(self.master.pipelines[self.pipeline.name])
+        try:
+            depths = stream.depths(self.pipeline.data_queues())
+        except EngineError as exc:
+            logger.debug("reading queue depths failed: %s", exc)
+            depths = {}
+        self.display.update(stats, depths)
+
+    def _stop_worker(self) -> None:
+        if self.worker.poll() is None:
+            self.master.shutdown_workers(self.drain_timeout_s)
+        deadline = time.monotonic() + self.drain_timeout_s + 10.0
+        while self.worker.poll() is None:
+            if self.interrupts >= 2 or time.monotonic() > deadline:
+                self._kill_worker()
+                break
+            time.sleep(0.05)
+        self.worker.wait()
+
+    def _kill_worker(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.worker.pid, signal.SIGKILL)
+
+    def _finish(self, stream: Any, status: str, elapsed_s: float) -> RunOutcome:
+        stats = self.master.type_stats(self.master.pipelines[self.pipeline.name])
+        has_node_failures = any(
+            entry["state"] == TypeState.FAILED.value for entry in stats.values()
+        )
+        fail_queues = [self.pipeline.fail_queue(node) for node in self.pipeline.nodes]
+        fail_depths = stream.depths(fail_queues)
+        if status == "interrupted":
+            outcome = "interrupted"
+        elif has_node_failures:
+            outcome = "failed"
+        else:
+            outcome = "completed"
+            # Every edge queue is empty now; the fail queues stay for inspection.
+            stream.delete_queues(self.pipeline.data_queues())
+        self.display.print(
+            format_summary(self.pipeline.name, stats, fail_depths, elapsed_s, outcome)
+        )
+        if outcome == "completed":
+            for hook in self.pipeline.completion_hooks:
+                hook(self.params)
+        return RunOutcome(
+            status=outcome,
+            has_node_failures=has_node_failures,
+            failed_items=sum(fail_depths.values()),
+            elapsed_s=elapsed_s,
+        )

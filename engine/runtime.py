@@ -1,0 +1,504 @@
+"""The loop inside a node process: pull a batch, transform, publish, then ack.
+
+A worker starts `node_main` in a new process for each node. The process loads
+its recipe, opens its own stream connection, runs the `setup` hook and then
+loops until its task completes or it is told to stop:
+
+- a source publishes what its generator yields, batch by batch, and
+  completes when the generator is exhausted;
+- a transform or sink pulls a batch, calls the node function on each item,
+  publishes every result (and every failure record) durably, and only then
+  acknowledges the batch, so that a crash anywhere redelivers the batch.
+
+The process reports to its worker over a one-way pipe: ("started",),
+("completed", stats), ("stopped", stats), ("recycle", reason),
+("recipe-failed", reason) or ("error", reason). Its counters live in shared
+memory that the worker reads at any time, even after the process died.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from engine.context import NodeContext
+from engine.errors import EngineError, RecipeError
+from engine.items import (
+    DecodingError,
+    EncodingError,
+    decode,
+    derived_item_id,
+    encode,
+    source_item_id,
+)
+from engine.logs import configure_logging
+from engine.recipe import Output, Recipe, load_recipe
+from engine.streams import open_stream
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.synchronize import Event
+
+    from engine.streams import Delivery, Stream
+
+logger = logging.getLogger(__name__)
+
+# Positions in the shared counter array of a node process.
+ITEMS_IN, ITEMS_OUT, FAILURES, RETRIES, BATCHES = range(5)
+COUNTER_NAMES = ("items_in", "items_out", "failures", "retries", "batches")
+
+# How long an idle transform waits between checks of its stop and complete flags.
+IDLE_PULL_TIMEOUT_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLaunch:
+    """What a worker passes to a new node process."""
+
+    node_id: str
+    worker_id: str
+    recipe: bytes
+    stream_url: str
+    process_index: int
+    process_count: int
+    log_level: str = "info"
+    log_format: str = "text"
+
+
+def counters_to_stats(counters: Sequence[int]) -> dict[str, int]:
+    """Return the shared counters of a node process as a dict."""
+    return {name: int(counters[i]) for i, name in enumerate(COUNTER_NAMES)}
+
+
+def node_main(
+    launch: NodeLaunch,
+    status: Connection,
+    complete: Event,
+    counters: Any,
+) -> None:
+    """Run one node until it completes, is stopped, or fails; the process entry."""
+    configure_logging(launch.log_level, launch.log_format)  # type: ignore[arg-type]
+    multiprocessing.current_process().name = f"{launch.worker_id}/{launch.node_id}"
+    # The worker coordinates shutdown: Ctrl-C in a terminal reaches the whole
+    # process group, but a node stops only when its worker sends SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _ask_for_sigterm_on_parent_death()
+
+    try:
+        recipe = load_recipe(launch.recipe)
+    except RecipeError as exc:
+        status.send(("recipe-failed", str(exc)))
+        os._exit(3)
+
+    runner = NodeRunner(launch, recipe, status, complete, counters)
+    signal.signal(signal.SIGTERM, runner.request_stop)
+    try:
+        outcome = runner.run()
+    except Exception as exc:
+        logger.exception("node %s crashed", launch.node_id)
+        status.send(("error", f"{type(exc).__name__}: {exc}"))
+        os._exit(1)
+    status.send(outcome)
+    status.close()
+
+
+def _ask_for_sigterm_on_parent_death() -> None:
+    # Linux only: the kernel sends SIGTERM when the worker dies, even by SIGKILL,
+    # so the node drains and exits instead of running on as an orphan.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        logger.debug("prctl(PR_SET_PDEATHSIG) is not available")
+
+
+class NodeRunner:
+    """The node loop of one process, with its stream, context and counters."""
+
+    def __init__(
+        self,
+        launch: NodeLaunch,
+        recipe: Recipe,
+        status: Connection,
+        complete: Event,
+        counters: Any,
+    ) -> None:
+        self.launch = launch
+        self.recipe = recipe
+        self.spec = recipe.spec
+        self.status = status
+        self.complete = complete
+        self.counters = counters
+        self.is_stop_requested = False
+        self.parent_pid = os.getppid()
+        self.process = psutil.Process()
+        self.context = NodeContext(
+            pipeline=recipe.pipeline,
+            node=self.spec.name,
+            params=recipe.params,
+            process_index=launch.process_index,
+            process_count=launch.process_count,
+            logger=logging.getLogger(f"node.{recipe.node_type}"),
+        )
+        self.stream: Stream | None = None
+
+    def request_stop(self, signum: int = 0, frame: object = None) -> None:
+        """Ask the loop to stop after the current batch (the SIGTERM handler)."""
+        self.is_stop_requested = True
+
+    def run(self) -> tuple:
+        """Run setup, the node loop and teardown; return the outcome to report."""
+        owner = f"{self.launch.node_id}@{os.getpid()}"
+        self.stream = open_stream(self.launch.stream_url, owner=owner)
+        queues = [*self.recipe.input_queues, self.recipe.fail_queue]
+        queues += [output.queue for output in self.recipe.outputs]
+        self.stream.declare(queues)
+
+        if self.spec.setup is not None:
+            self.context.state = self.spec.setup(self.context)
+        self.status.send(("started",))
+        logger.debug("node %s running pid=%d", self.launch.node_id, os.getpid())
+        try:
+            if self.spec.kind == "source":
+                outcome = self._run_source()
+            else:
+                outcome = self._run_consumer()
+        finally:
+            if self.spec.teardown is not None:
+                self.spec.teardown(self.context)
+            self.stream.close()
+        return outcome
+
+    # Sources.
+
+    def _run_source(self) -> tuple:
+        items = self._call_source()
+        batch = _Batch()
+        deadline = time.monotonic() + self.spec.settings.batch_timeout_s
+        for position, payload in enumerate(items, start=1):
+            envelope = {
+                "id": source_item_id(self.spec.name, position - 1),
+                "attempt": 1,
+                "payload": payload,
+            }
+            try:
+                self._place_results(envelope["id"], [payload], batch, parent=None)
+            except Exception as exc:
+                self._fail(envelope, None, exc, batch, retry=False)
+            is_full = position % self.spec.settings.batch_size == 0
+            if is_full or time.monotonic() >= deadline:
+                self._publish(batch)
+                batch = _Batch()
+                deadline = time.monotonic() + self.spec.settings.batch_timeout_s
+            if self._should_stop():
+                self._publish(batch)
+                return ("stopped", self.stats())
+        self._publish(batch)
+        return ("completed", self.stats())
+
+    def _call_source(self) -> Iterable[Any]:
+        function = self.spec.function
+        items = function(self.context) if self.spec.takes_context else function()
+        if items is None:
+            return ()
+        try:
+            return iter(items)
+        except TypeError:
+            raise EngineError(
+                f"source node {self.spec.name!r} returned {type(items).__name__}, "
+                "not an iterable; make it a generator function that yields items"
+            ) from None
+
+    def _publish(self, batch: _Batch) -> None:
+        """Publish a batch's results, failure records and retries durably."""
+        if batch.outgoing:
+            self.stream.publish(batch.outgoing)
+        for delay_s, messages in batch.retries.items():
+            self.stream.publish(messages, delay_s=delay_s)
+        self.counters[ITEMS_OUT] += batch.results
+        self.counters[FAILURES] += batch.failures
+        self.counters[RETRIES] += sum(len(m) for m in batch.retries.values())
+        if batch.outgoing or batch.retries:
+            self.counters[BATCHES] += 1
+
+    # Transforms and sinks.
+
+    def _run_consumer(self) -> tuple:
+        settings = self.spec.settings
+        queues = list(self.recipe.input_queues)
+        while True:
+            if self._should_stop():
+                return ("stopped", self.stats())
+            is_completing = self.complete.is_set()
+            deliveries = self.stream.pull(
+                queues, settings.batch_size, settings.batch_timeout_s
+            )
+            if deliveries:
+                self._process_batch(deliveries)
+                reason = self._memory_over_limit()
+                if reason:
+                    return ("recycle", reason)
+                continue
+            # The flag is read before the pull: an empty pull after it was set
+            # means every upstream item published before completion was seen.
+            if is_completing and self._inputs_drained(queues):
+                return ("completed", self.stats())
+            if settings.batch_timeout_s < IDLE_PULL_TIMEOUT_S:
+                # An idle node waits here instead of spinning on empty pulls.
+                time.sleep(IDLE_PULL_TIMEOUT_S - settings.batch_timeout_s)
+
+    def _inputs_drained(self, queues: list[str]) -> bool:
+        return all(depth == 0 for depth in self.stream.depths(queues).values())
+
+    def _should_stop(self) -> bool:
+        if not self.is_stop_requested and os.getppid() != self.parent_pid:
+            logger.warning(
+                "node %s lost its worker (parent pid %d); draining",
+                self.launch.node_id,
+                self.parent_pid,
+            )
+            self.is_stop_requested = True
+        return self.is_stop_requested
+
+    def _memory_over_limit(self) -> str | None:
+        limit = self.spec.settings.max_memory_bytes
+        if limit is None:
+            return None
+        rss = self.process.memory_info().rss
+        if rss <= limit:
+            return None
+        return f"resident memory {rss} bytes is over max_memory_bytes={limit}"
+
+    def _process_batch(self, deliveries: list[Delivery]) -> None:
+        serializer = self.recipe.serializer
+        batch = _Batch()
+        envelopes: list[tuple[Delivery, dict[str, Any]]] = []
+        for delivery in deliveries:
+            try:
+                envelopes.append((delivery, decode(delivery.body, serializer)))
+            except DecodingError as exc:
+                envelope = {
+                    "id": f"undecodable:{delivery.delivery_id}",
+                    "attempt": 1,
+                    "payload": delivery.body.decode("utf-8", "replace"),
+                }
+                self._fail(envelope, delivery, exc, batch, retry=False)
+
+        self.counters[ITEMS_IN] += len(deliveries)
+        if self.spec.is_batched:
+            self._call_batched(envelopes, batch)
+        else:
+            for delivery, envelope in envelopes:
+                self._call_one(delivery, envelope, batch)
+
+        self._publish(batch)
+        # Ack only after publishing: a crash in between redelivers the batch.
+        self.stream.ack(deliveries)
+        logger.debug(
+            "batch done node=%s in=%d out=%d failed=%d",
+            self.launch.node_id,
+            len(deliveries),
+            batch.results,
+            batch.failures,
+        )
+
+    def _call_one(
+        self, delivery: Delivery, envelope: dict[str, Any], batch: _Batch
+    ) -> None:
+        item_id = envelope.get("id", "")
+        self.context.item_ids = [item_id]
+        staged = _Batch()
+        try:
+            results = self._call_function(envelope["payload"])
+            self._place_results(item_id, results, staged, envelope)
+        except Exception as exc:
+            self._fail(envelope, delivery, exc, batch, retry=True)
+            return
+        batch.merge(staged)
+
+    def _call_function(self, payload: Any) -> list[Any]:
+        function = self.spec.function
+        if self.spec.takes_context:
+            value = function(payload, self.context)
+        else:
+            value = function(payload)
+        if self.spec.kind == "sink":
+            return []
+        if _is_generator(value):
+            return list(value)
+        return [] if value is None else [value]
+
+    def _call_batched(
+        self, envelopes: list[tuple[Delivery, dict[str, Any]]], batch: _Batch
+    ) -> None:
+        if not envelopes:
+            return
+        staged = _Batch()
+        try:
+            self._apply_batch(envelopes, staged)
+        except Exception as exc:
+            if len(envelopes) == 1:
+                delivery, envelope = envelopes[0]
+                self._fail(envelope, delivery, exc, batch, retry=True)
+                return
+            # Find the bad items: apply the batch again one item at a time.
+            logger.debug(
+                "batch failed in node %s (%s); retrying its %d items one by one",
+                self.launch.node_id,
+                exc,
+                len(envelopes),
+            )
+            for pair in envelopes:
+                self._call_batched([pair], batch)
+            return
+        batch.merge(staged)
+
+    def _apply_batch(
+        self, envelopes: list[tuple[Delivery, dict[str, Any]]], staged: _Batch
+    ) -> None:
+        payloads = [envelope["payload"] for _, envelope in envelopes]
+        item_ids = [envelope.get("id", "") for _, envelope in envelopes]
+        self.context.item_ids = item_ids
+        function = self.spec.function
+        if self.spec.takes_context:
+            value = function(payloads, self.context)
+        else:
+            value = function(payloads)
+        if self.spec.kind == "sink" or value is None:
+            return
+        batch_id = derived_item_id("|".join(sorted(item_ids)), "batch", 0)
+        self._place_results(batch_id, list(value), staged, envelopes[0][1])
+
+    def _place_results(
+        self,
+        parent_id: str,
+        results: list[Any],
+        staged: _Batch,
+        parent: dict[str, Any] | None,
+    ) -> None:
+        """Encode `results` for the edges that the route and filters choose."""
+        serializer = self.recipe.serializer
+        for index, result in enumerate(results):
+            if parent is None:
+                item_id = parent_id
+            else:
+                item_id = derived_item_id(parent_id, self.spec.name, index)
+            body = encode({"id": item_id, "attempt": 1, "payload": result}, serializer)
+            for output in self._choose_outputs(result):
+                staged.outgoing.append((output.queue, body))
+        staged.results += len(results)
+
+    def _choose_outputs(self, result: Any) -> list[Output]:
+        outputs = self.recipe.outputs
+        if self.spec.route is not None:
+            chosen = self.spec.route(result)
+            if chosen is None:
+                return []
+            names = {chosen} if isinstance(chosen, str) else set(chosen)
+            known = {output.target for output in outputs}
+            unknown = sorted(names - known)
+            if unknown:
+                raise EngineError(
+                    f"route of node {self.spec.name!r} returned {unknown[0]!r}, "
+                    "which is not a downstream node; expected one of "
+                    + ", ".join(repr(name) for name in sorted(known))
+                )
+            outputs = tuple(output for output in outputs if output.target in names)
+        return [
+            output for output in outputs if output.when is None or output.when(result)
+        ]
+
+    def _fail(
+        self,
+        envelope: dict[str, Any],
+        delivery: Delivery | None,
+        exc: BaseException,
+        batch: _Batch,
+        retry: bool,
+    ) -> None:
+        """Stage a retry of the item, or its record for the fail queue."""
+        attempt = int(envelope.get("attempt", 1))
+        error = {
+            "node": self.spec.name,
+            "node_id": self.launch.node_id,
+            "attempt": attempt,
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": "".join(traceback.format_exception(exc)),
+            "time": time.time(),
+        }
+        record = dict(envelope)
+        record["errors"] = [*envelope.get("errors", []), error]
+        settings = self.spec.settings
+        if retry and delivery is not None and attempt <= settings.retries:
+            record["attempt"] = attempt + 1
+            delay_s = settings.retry_backoff_s * 2 ** (attempt - 1)
+            batch.retries.setdefault(delay_s, []).append(
+                (delivery.queue, self._encode_record(record))
+            )
+            logger.debug(
+                "item %s failed in %s attempt=%d; retrying in %.1f s",
+                envelope.get("id"),
+                self.launch.node_id,
+                attempt,
+                delay_s,
+            )
+            return
+        record["queue"] = delivery.queue if delivery is not None else None
+        batch.outgoing.append((self.recipe.fail_queue, self._encode_record(record)))
+        batch.failures += 1
+        logger.debug(
+            "item %s failed in %s after %d attempts: %s",
+            envelope.get("id"),
+            self.launch.node_id,
+            attempt,
+            error["type"],
+        )
+
+    def _encode_record(self, record: dict[str, Any]) -> bytes:
+        try:
+            return encode(record, self.recipe.serializer)
+        except EncodingError:
+            # The payload itself is what failed to encode: keep its repr.
+            record["payload"] = repr(record.get("payload"))
+            return encode(record, "json")
+
+    def stats(self) -> dict[str, int]:
+        """Return this process's counters."""
+        return counters_to_stats(self.counters)
+
+
+class _Batch:
+    """What processing one batch produced, published together before the ack."""
+
+    __slots__ = ("outgoing", "retries", "results", "failures")
+
+    def __init__(self) -> None:
+        # (queue, body) pairs: results on their edges plus failure records.
+        self.outgoing: list[tuple[str, bytes]] = []
+        # Retry messages by their delay in seconds.
+        self.retries: dict[float, list[tuple[str, bytes]]] = {}
+        self.results = 0
+        self.failures = 0
+
+    def merge(self, other: _Batch) -> None:
+        self.outgoing.extend(other.outgoing)
+        for delay_s, messages in other.retries.items():
+            self.retries.setdefault(delay_s, []).extend(messages)
+        self.results += other.results
+        self.failures += other.failures
+
+
+def _is_generator(value: Any) -> bool:
+    return hasattr(value, "__next__") and hasattr(value, "send")

@@ -1,0 +1,66 @@
+"""Data stream backends, chosen by the scheme of a stream URL.
+
+- `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`: the embedded
+  durable stream, for one machine.
+- `amqp://user:password@host:5672/vhost`: RabbitMQ, for a cluster.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+from engine.errors import StreamError
+from engine.streams.base import Delivery, Stream
+
+__all__ = ["Delivery", "Stream", "open_stream", "redact_url", "sqlite_path"]
+
+SCHEMES = ("sqlite", "amqp", "amqps")
+
+
+def open_stream(url: str, owner: str = "", **options: object) -> Stream:
+    """Open the stream that `url` names, as seen by the process `owner`.
+
+    `owner` names the process that pulls messages, so that a supervisor can
+    recover what that process pulled if it dies. Raises `StreamError` for a
+    URL whose scheme is not known, and `StreamUnavailableError` when the
+    stream cannot be reached.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        from engine.streams.sqlite import SQLiteStream
+
+        return SQLiteStream(sqlite_path(url), owner=owner, **options)
+    if scheme in ("amqp", "amqps"):
+        from engine.streams.rabbitmq import RabbitMQStream
+
+        return RabbitMQStream(url, owner=owner, **options)
+    raise StreamError(
+        f"invalid stream URL {redact_url(url)!r}: the scheme must be one of "
+        f"{', '.join(SCHEMES)}; for example sqlite:///run.db "
+        "or amqp://guest:guest@127.0.0.1:5672/"
+    )
+
+
+def sqlite_path(url: str) -> str:
+    """Return the file path of a `sqlite:///PATH` URL.
+
+    Three slashes lead a relative path and four an absolute one, as in
+    SQLAlchemy's URLs.
+    """
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise StreamError(
+            f"invalid SQLite stream URL {url!r}: expected sqlite:///PATH, "
+            "for example sqlite:///run.db or sqlite:////tmp/run.db"
+        )
+    return url[len(prefix) :]
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with its password replaced by `***`, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

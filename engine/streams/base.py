@@ -1,0 +1,83 @@
+"""The contract that every data stream backend fulfils.
+
+A stream holds durable named queues of opaque byte messages. A node process
+opens its own stream (never one inherited across a fork), pulls a batch,
+publishes the results and then acknowledges the batch. Messages pulled by a
+process that dies without acknowledging them become visible again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message pulled from a queue and not yet acknowledged."""
+
+    queue: str
+    body: bytes
+    # Backend-specific handle that `ack` and `reject` take back.
+    delivery_id: int | str
+    # True when the message was pulled before by a process that did not ack it.
+    is_redelivered: bool = False
+
+
+@runtime_checkable
+class Stream(Protocol):
+    """Durable queues of byte messages, with at-least-once delivery."""
+
+    def declare(self, queues: Iterable[str]) -> None:
+        """Create the queues if they do not exist yet."""
+
+    def publish(
+        self, messages: Sequence[tuple[str, bytes]], delay_s: float = 0.0
+    ) -> None:
+        """Publish `(queue, body)` pairs; they are durable when this returns.
+
+        With `delay_s` above 0, the messages become visible only that many
+        seconds later (for retry backoff).
+        """
+
+    def pull(
+        self, queues: Sequence[str], max_count: int, timeout_s: float
+    ) -> list[Delivery]:
+        """Pull up to `max_count` messages from `queues`.
+
+        Waits up to `timeout_s` seconds to fill the batch, and returns what
+        it has then, possibly nothing.
+        """
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge messages: they are removed for good."""
+
+    def extend_lease(self, deliveries: Sequence[Delivery]) -> None:
+        """Keep pulled messages from being delivered elsewhere for a while longer."""
+
+    def reject(self, deliveries: Sequence[Delivery], requeue: bool) -> None:
+        """Reject messages: make them visible again, or drop them."""
+
+    def depth(self, queue: str) -> int:
+        """Return the number of messages in `queue`, pulled or not."""
+
+    def depths(self, queues: Sequence[str]) -> dict[str, int]:
+        """Return the number of messages in each of `queues`, pulled or not.
+
+        A backend may count every queue in one request, so prefer this to
+        calling `depth` in a loop. A queue that does not exist counts 0.
+        """
+
+    def delete_queues(self, queues: Iterable[str]) -> None:
+        """Delete the queues and every message in them."""
+
+    def recover(self, owner: str) -> int:
+        """Make the messages pulled by the dead process `owner` visible again.
+
+        Returns how many messages were recovered. Backends whose broker
+        redelivers on connection loss return 0.
+        """
+
+    def close(self) -> None:
+        """Close the connection; unacknowledged messages become visible again."""

@@ -1,0 +1,666 @@
+"""The embedded durable stream: queues of messages in one SQLite file.
+
+Every message is a row of the `messages` table. Pulling a message claims a
+lease on it: the row gets the puller's owner name and a `visible_at` time one
+lease later, so no other process can pull it before then. Acknowledging deletes
+the row. A process that dies leaves its rows claimed until the lease expires,
+or until its supervisor calls `recover(owner)`, which makes them visible at
+once.
+
+Many processes share one file. SQLite lets one writer in at a time, so every
+write is a short `BEGIN IMMEDIATE` transaction, and a writer that finds the
+file locked waits and retries with backoff.
+
+Each process opens its own `SQLiteStream`. A SQLite connection must not cross
+a fork, so a stream used in a process other than the one that opened it
+raises `StreamError`. Within a process, one stream may be shared by threads:
+its calls are serialized, so a helper thread can extend leases while the
+main thread runs a long transform.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import random
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+from engine.errors import StreamError, StreamUnavailableError
+from engine.streams.base import Delivery
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Maximum time that SQLite itself waits for a lock before one attempt fails as
+# busy. The retry loop in `SQLiteStream._retry_busy` then starts another.
+BUSY_TIMEOUT_S = 5.0
+
+# Default maximum time that one operation retries while other processes keep
+# the file locked, before it raises `StreamUnavailableError`.
+DEFAULT_BUSY_RETRY_S = 60.0
+
+# The pause between two polls of `pull` starts short, so that a batch fills
+# quickly while messages flow, and grows while the queues stay empty.
+POLL_MIN_S = 0.002
+POLL_MAX_S = 0.05
+
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS queues (
+        name TEXT PRIMARY KEY
+    ) WITHOUT ROWID
+    """,
+    # AUTOINCREMENT keeps ids unique for the life of the file, so a stale
+    # delivery id can never name a newer message.
+    """
+    CREATE TABLE IF NOT EXISTS messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        queue TEXT NOT NULL,
+        body BLOB NOT NULL,
+        visible_at REAL NOT NULL,
+        owner TEXT,
+        delivery_count INTEGER NOT NULL DEFAULT 0
+    )
+    """,
+    # Serves the pull query: visible messages of one queue in the order
+    # (visible_at, id), since every index entry ends with the rowid.
+    """
+    CREATE INDEX IF NOT EXISTS messages_by_visibility
+        ON messages (queue, visible_at)
+    """,
+    # Serves `recover`. Only messages pulled and not yet acked have an owner,
+    # so this index stays as small as the number of messages in flight.
+    """
+    CREATE INDEX IF NOT EXISTS messages_by_owner
+        ON messages (owner) WHERE owner IS NOT NULL
+    """,
+)
+
+_INSERT_SQL = (
+    "INSERT INTO messages (queue, body, visible_at, delivery_count) VALUES (?, ?, ?, 0)"
+)
+_CLAIM_SQL = (
+    "UPDATE messages SET owner = ?, visible_at = ?, "
+    "delivery_count = delivery_count + 1 WHERE id = ?"
+)
+_DELETE_HELD_SQL = "DELETE FROM messages WHERE id = ? AND owner = ?"
+_RELEASE_HELD_SQL = (
+    "UPDATE messages SET owner = NULL, visible_at = ? WHERE id = ? AND owner = ?"
+)
+_EXTEND_HELD_SQL = "UPDATE messages SET visible_at = ? WHERE id = ? AND owner = ?"
+
+
+class SQLiteStream:
+    """Durable queues in one SQLite file, shared by the processes of one machine.
+
+    `path` is the database file; its folder and schema are created when
+    missing. `owner` names the process that pulls messages, so that its
+    supervisor can `recover` what it pulled if it dies. It must be unique
+    among live processes, and defaults to a unique name. `lease_s` is how
+    many seconds a pulled message stays hidden from other processes before
+    it is delivered again. `busy_retry_s` bounds how long one operation
+    retries while other processes keep the file locked. Its last attempt may
+    wait up to `BUSY_TIMEOUT_S` seconds longer inside SQLite.
+
+    Raises `StreamError` when the file cannot be opened or is not a SQLite
+    database, and `StreamUnavailableError` when it stays locked.
+
+    Limits: the file must be on a local disk, because WAL mode needs shared
+    memory between the processes. Message times come from the wall clock,
+    so a clock stepped back delays visibility by the size of the step.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        owner: str = "",
+        lease_s: float = 300.0,
+        busy_retry_s: float = DEFAULT_BUSY_RETRY_S,
+    ) -> None:
+        if not (math.isfinite(lease_s) and lease_s > 0):
+            raise ValueError(f"invalid lease_s={lease_s!r}: must be more than 0")
+        if not (math.isfinite(busy_retry_s) and busy_retry_s >= 0):
+            raise ValueError(
+                f"invalid busy_retry_s={busy_retry_s!r}: must be 0 or more"
+            )
+        self.path = path
+        self.owner = owner or f"pid-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.lease_s = lease_s
+        self.busy_retry_s = busy_retry_s
+
+        self._pid = os.getpid()
+        self._is_closed = False
+        # Serializes every use of the connection, which is shared by threads.
+        self._lock = threading.Lock()
+        # Ids of the messages that this stream pulled and has not yet acked,
+        # rejected or released. `close` makes them visible again.
+        self._held: set[int] = set()
+
+        self._connection = self._connect()
+        logger.debug("SQLite stream opened path=%s owner=%s", path, self.owner)
+
+    def __repr__(self) -> str:
+        return f"SQLiteStream({self.path!r}, owner={self.owner!r})"
+
+    def __enter__(self) -> SQLiteStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def declare(self, queues: Iterable[str]) -> None:
+        """Create the queues if they do not exist yet.
+
+        Publishing to an undeclared queue works on this stream, but other
+        backends drop such messages, so declare every queue first.
+        """
+        names = _unique_queue_names(queues)
+        self._write(
+            "declare queues",
+            lambda connection: connection.executemany(
+                "INSERT OR IGNORE INTO queues (name) VALUES (?)",
+                [(name,) for name in names],
+            ),
+        )
+
+    def publish(
+        self, messages: Sequence[tuple[str, bytes]], delay_s: float = 0.0
+    ) -> None:
+        """Publish `(queue, body)` pairs in one transaction.
+
+        The messages are durable when this returns, and become visible to
+        `pull` `delay_s` seconds later. Raises `TypeError` for a body that is
+        not bytes.
+        """
+        if not (math.isfinite(delay_s) and delay_s >= 0):
+            raise ValueError(f"invalid delay_s={delay_s!r}: must be 0 or more")
+        messages = list(messages)
+        for queue, body in messages:
+            if not isinstance(queue, str) or not queue:
+                raise ValueError(
+                    f"invalid queue name {queue!r}: must be a non-empty string"
+                )
+            if not isinstance(body, bytes | bytearray | memoryview):
+                raise TypeError(
+                    f"invalid message body for queue {queue!r}: expected bytes, "
+                    f"got {type(body).__name__}; encode the item first"
+                )
+        if not messages:
+            return
+
+        def insert(connection: sqlite3.Connection) -> None:
+            visible_at = time.time() + delay_s
+            connection.executemany(
+                _INSERT_SQL, [(queue, body, visible_at) for queue, body in messages]
+            )
+
+        self._write("publish", insert)
+        logger.debug("published %d messages delay_s=%s", len(messages), delay_s)
+
+    def pull(
+        self, queues: Sequence[str], max_count: int, timeout_s: float
+    ) -> list[Delivery]:
+        """Pull up to `max_count` messages from `queues`, oldest first.
+
+        Each message pulled stays hidden from other processes for `lease_s`
+        seconds, until it is acked or rejected. When fewer than `max_count`
+        are visible, polls for more until the batch is full or `timeout_s`
+        seconds pass, and returns what it has then, possibly nothing.
+        Messages come in the order they became visible, then in the order
+        they were published.
+        """
+        names = _unique_queue_names(queues)
+        if not names:
+            raise ValueError("invalid queues=[]: name at least one queue to pull")
+        if max_count < 1:
+            raise ValueError(f"invalid max_count={max_count!r}: must be 1 or more")
+        if not (math.isfinite(timeout_s) and timeout_s >= 0):
+            raise ValueError(f"invalid timeout_s={timeout_s!r}: must be 0 or more")
+
+        deadline = time.monotonic() + timeout_s
+        deliveries: list[Delivery] = []
+        pause_s = POLL_MIN_S
+        while True:
+            # A read finds an empty queue without taking the write lock, which
+            # keeps idle pollers out of the way of the writers.
+            if self._has_visible(names):
+                claimed = self._claim(names, max_count - len(deliveries))
+                deliveries.extend(claimed)
+                if claimed:
+                    pause_s = POLL_MIN_S
+            if len(deliveries) >= max_count:
+                break
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                break
+            time.sleep(min(pause_s, remaining_s))
+            pause_s = min(pause_s * 2, POLL_MAX_S)
+
+        logger.debug("pulled %d messages from %s", len(deliveries), names)
+        return deliveries
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge messages: delete them for good.
+
+        Deletes only the messages that this stream's owner still owns. A
+        message whose lease expired and that another process pulled since
+        stays with that process, and a warning gives the count.
+        """
+        ids = _delivery_ids(deliveries)
+        if not ids:
+            return
+        deleted = self._write(
+            "ack",
+            lambda connection: (
+                connection.executemany(
+                    _DELETE_HELD_SQL, [(message_id, self.owner) for message_id in ids]
+                ).rowcount
+            ),
+        )
+        self._held.difference_update(ids)
+        self._warn_if_lost("ack", len(ids), deleted)
+        logger.debug("acked %d messages", deleted)
+
+    def reject(self, deliveries: Sequence[Delivery], requeue: bool) -> None:
+        """Reject messages: make them visible again now, or delete them.
+
+        With `requeue=True` the messages are delivered again and marked
+        redelivered; with `requeue=False` they are dropped. Like `ack`, this
+        skips messages that another process pulled after their lease expired.
+        """
+        ids = _delivery_ids(deliveries)
+        if not ids:
+            return
+
+        def update(connection: sqlite3.Connection) -> int:
+            if not requeue:
+                rows = [(message_id, self.owner) for message_id in ids]
+                return connection.executemany(_DELETE_HELD_SQL, rows).rowcount
+            now = time.time()
+            rows = [(now, message_id, self.owner) for message_id in ids]
+            return connection.executemany(_RELEASE_HELD_SQL, rows).rowcount
+
+        changed = self._write("reject", update)
+        self._held.difference_update(ids)
+        self._warn_if_lost("reject", len(ids), changed)
+        logger.debug("rejected %d messages requeue=%s", changed, requeue)
+
+    def extend_lease(
+        self, deliveries: Sequence[Delivery], lease_s: float | None = None
+    ) -> None:
+        """Keep pulled messages hidden for another lease, counted from now.
+
+        Call it during a transform that may outlast the lease, so that the
+        messages are not delivered to another process meanwhile. `lease_s`
+        defaults to the stream's lease. Skips, with a warning, messages that
+        another process pulled after their lease expired.
+        """
+        lease_s = self.lease_s if lease_s is None else lease_s
+        if not (math.isfinite(lease_s) and lease_s > 0):
+            raise ValueError(f"invalid lease_s={lease_s!r}: must be more than 0")
+        ids = _delivery_ids(deliveries)
+        if not ids:
+            return
+
+        def update(connection: sqlite3.Connection) -> int:
+            visible_at = time.time() + lease_s
+            rows = [(visible_at, message_id, self.owner) for message_id in ids]
+            return connection.executemany(_EXTEND_HELD_SQL, rows).rowcount
+
+        extended = self._write("extend lease", update)
+        self._warn_if_lost("extend_lease", len(ids), extended)
+        logger.debug("extended the lease of %d messages by %s s", extended, lease_s)
+
+    def depth(self, queue: str) -> int:
+        """Return the number of messages in `queue`, pulled or not."""
+        return self.depths([queue])[queue]
+
+    def depths(self, queues: Sequence[str]) -> dict[str, int]:
+        """Return the number of messages in each of `queues`, pulled or not.
+
+        Counts all the queues in one query, so the counts are consistent with
+        each other. A queue that does not exist counts 0.
+        """
+        names = _unique_queue_names(queues)
+        if not names:
+            return {}
+        placeholders = ", ".join("?" * len(names))
+        rows = self._read(
+            "count messages",
+            f"SELECT queue, COUNT(*) FROM messages WHERE queue IN ({placeholders}) "
+            "GROUP BY queue",
+            names,
+        )
+        counts = dict.fromkeys(names, 0)
+        counts.update(rows)
+        return counts
+
+    def delete_queues(self, queues: Iterable[str]) -> None:
+        """Delete the queues and every message in them, pulled or not."""
+        names = _unique_queue_names(queues)
+        if not names:
+            return
+
+        def delete(connection: sqlite3.Connection) -> None:
+            rows = [(name,) for name in names]
+            connection.executemany("DELETE FROM messages WHERE queue = ?", rows)
+            connection.executemany("DELETE FROM queues WHERE name = ?", rows)
+
+        self._write("delete queues", delete)
+        logger.debug("deleted queues %s", names)
+
+    def recover(self, owner: str) -> int:
+        """Make every message pulled by `owner` and not yet acked visible now.
+
+        Call it after the process `owner` died, so that its messages need not
+        wait for their lease to expire. They count as redelivered. Returns how
+        many messages were recovered.
+        """
+
+        def release(connection: sqlite3.Connection) -> int:
+            return connection.execute(
+                "UPDATE messages SET owner = NULL, visible_at = ? WHERE owner = ?",
+                (time.time(), owner),
+            ).rowcount
+
+        count = self._write("recover", release)
+        if count:
+            logger.info("recovered %d messages pulled by owner %s", count, owner)
+        return count
+
+    def close(self) -> None:
+        """Close the stream and make the messages it pulled and did not ack visible.
+
+        Calling it again does nothing. In a process other than the one that
+        opened the stream, it only marks the stream closed, because the
+        connection belongs to the parent.
+        """
+        with self._lock:
+            if self._is_closed:
+                return
+            self._is_closed = True
+            if os.getpid() != self._pid:
+                return
+            self._release_held()
+            try:
+                self._connection.close()
+            except sqlite3.Error:
+                logger.exception("closing SQLite stream %s failed", self.path)
+        logger.debug("SQLite stream closed path=%s owner=%s", self.path, self.owner)
+
+    def _connect(self) -> sqlite3.Connection:
+        folder = os.path.dirname(self.path)
+        if folder:
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise StreamError(
+                    f"cannot create the folder {folder!r} of SQLite stream "
+                    f"{self.path!r}: {exc.strerror}"
+                ) from exc
+
+        connection = self._retry_busy(
+            "open",
+            lambda: sqlite3.connect(
+                self.path,
+                timeout=min(BUSY_TIMEOUT_S, self.busy_retry_s),
+                isolation_level=None,
+                check_same_thread=False,
+            ),
+        )
+        try:
+            self._configure(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _configure(self, connection: sqlite3.Connection) -> None:
+        mode = self._retry_busy(
+            "enable WAL mode",
+            lambda: connection.execute("PRAGMA journal_mode=WAL").fetchone()[0],
+        )
+        if mode != "wal":
+            raise StreamError(
+                f"SQLite stream {self.path!r} cannot use WAL mode "
+                f"(journal_mode={mode!r}); put the file on a local disk"
+            )
+        # In WAL mode, NORMAL commits without fsync and syncs at checkpoints.
+        # A committed message survives the crash of any process, which is what
+        # the engine needs, but the last commits can be lost on power loss or
+        # an OS crash.
+        connection.execute("PRAGMA synchronous=NORMAL")
+
+        def create_schema(connection: sqlite3.Connection) -> None:
+            for statement in _SCHEMA:
+                connection.execute(statement)
+
+        # Several processes may open a new file at once. The statements are
+        # idempotent, and the write lock makes them run one process at a time.
+        self._retry_busy(
+            "create schema", lambda: _run_transaction(connection, create_schema)
+        )
+
+    def _write(self, action: str, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `body` in one write transaction, retried while the file is busy."""
+        with self._lock:
+            self._check_usable()
+            return self._retry_busy(
+                action, lambda: _run_transaction(self._connection, body)
+            )
+
+    def _read(self, action: str, sql: str, parameters: Sequence[object]) -> list[tuple]:
+        with self._lock:
+            self._check_usable()
+            return self._retry_busy(
+                action, lambda: self._connection.execute(sql, parameters).fetchall()
+            )
+
+    def _retry_busy(self, action: str, operation: Callable[[], T]) -> T:
+        """Run `operation`, retrying with backoff while the file is locked.
+
+        Raises `StreamUnavailableError` once `busy_retry_s` has passed, and
+        wraps every other SQLite error in `StreamError`.
+        """
+        deadline = time.monotonic() + self.busy_retry_s
+        pause_s = 0.01
+        attempts = 1
+        while True:
+            try:
+                return operation()
+            except sqlite3.Error as exc:
+                if not _is_busy(exc):
+                    raise StreamError(
+                        f"{action} failed on SQLite stream {self.path!r}: {exc}"
+                    ) from exc
+                if time.monotonic() + pause_s > deadline:
+                    raise StreamUnavailableError(
+                        f"{action} failed on SQLite stream {self.path!r}: the file "
+                        f"stayed locked after {attempts} attempts in "
+                        f"{self.busy_retry_s:g} s ({exc}); another process holds "
+                        "a long write transaction, retry later"
+                    ) from exc
+            logger.debug("%s found %s locked, attempt %d", action, self.path, attempts)
+            # Jitter keeps processes that collided from retrying in step.
+            time.sleep(pause_s * random.uniform(0.5, 1.0))
+            pause_s = min(pause_s * 2, 1.0)
+            attempts += 1
+
+    def _check_usable(self) -> None:
+        if self._is_closed:
+            raise StreamError(
+                f"SQLite stream {self.path!r} is closed; open a new stream"
+            )
+        if os.getpid() != self._pid:
+            raise StreamError(
+                f"SQLite stream {self.path!r} was opened in process {self._pid} "
+                f"and cannot be used in process {os.getpid()}; open a stream "
+                "in each process after it starts"
+            )
+
+    def _has_visible(self, names: list[str]) -> bool:
+        placeholders = ", ".join("?" * len(names))
+        rows = self._read(
+            "pull",
+            "SELECT EXISTS (SELECT 1 FROM messages "
+            f"WHERE queue IN ({placeholders}) AND visible_at <= ?)",
+            [*names, time.time()],
+        )
+        return bool(rows[0][0])
+
+    def _claim(self, names: list[str], count: int) -> list[Delivery]:
+        """Claim up to `count` visible messages of `names` in one transaction."""
+
+        def claim(connection: sqlite3.Connection) -> list[tuple]:
+            now = time.time()
+            parameters: list[object] = []
+            for name in names:
+                parameters += [name, now, count]
+            parameters.append(count)
+            rows = connection.execute(_claim_query(len(names)), parameters).fetchall()
+            visible_at = now + self.lease_s
+            connection.executemany(
+                _CLAIM_SQL, [(self.owner, visible_at, row[0]) for row in rows]
+            )
+            return rows
+
+        rows = self._write("pull", claim)
+        self._held.update(row[0] for row in rows)
+
+        # A message that still has an owner was neither acked nor recovered.
+        expired = sum(1 for row in rows if row[4] is not None)
+        if expired:
+            logger.warning(
+                "pulled %d messages again after their lease expired: the process "
+                "that held them died, or its transform outlasted its lease",
+                expired,
+            )
+        return [
+            Delivery(
+                queue=queue,
+                body=body,
+                delivery_id=message_id,
+                is_redelivered=delivery_count > 0,
+            )
+            for message_id, queue, body, delivery_count, _, _ in rows
+        ]
+
+    def _release_held(self) -> None:
+        """Make the messages this stream pulled and did not ack visible now."""
+        if not self._held:
+            return
+        ids = sorted(self._held)
+        self._held.clear()
+
+        def release(connection: sqlite3.Connection) -> int:
+            now = time.time()
+            rows = [(now, message_id, self.owner) for message_id in ids]
+            return connection.executemany(_RELEASE_HELD_SQL, rows).rowcount
+
+        try:
+            released = self._retry_busy(
+                "release", lambda: _run_transaction(self._connection, release)
+            )
+        except StreamError as exc:
+            logger.warning(
+                "closing SQLite stream %s left %d unacked messages hidden until "
+                "their lease expires: %s",
+                self.path,
+                len(ids),
+                exc,
+            )
+            return
+        logger.debug("released %d unacked messages on close", released)
+
+    def _warn_if_lost(self, action: str, requested: int, changed: int) -> None:
+        if changed < requested:
+            logger.warning(
+                "%s skipped %d of %d messages that owner %s no longer owns: their "
+                "lease expired and another process pulled them, or they were "
+                "already acked",
+                action,
+                requested - changed,
+                requested,
+                self.owner,
+            )
+
+
+def _run_transaction(
+    connection: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]
+) -> T:
+    # IMMEDIATE takes the write lock up front. A deferred transaction that
+    # reads first and then writes can fail as busy with no wait at all, when
+    # another process committed in between.
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        result = body(connection)
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            try:
+                connection.execute("ROLLBACK")
+            except sqlite3.Error:
+                logger.debug("rollback failed after an error", exc_info=True)
+        raise
+    return result
+
+
+@functools.lru_cache(maxsize=16)
+def _claim_query(queue_count: int) -> str:
+    """Build the query that selects the next visible messages of the queues.
+
+    Each queue gets its own subquery so that each walks the index in order
+    and stops at the limit, and the union is then cut to the same limit.
+    """
+    one_queue = (
+        "SELECT id, queue, body, delivery_count, owner, visible_at FROM messages "
+        "WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, id LIMIT ?"
+    )
+    union = " UNION ALL ".join(
+        f"SELECT * FROM ({one_queue})" for _ in range(queue_count)
+    )
+    return f"{union} ORDER BY visible_at, id LIMIT ?"
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    # The low byte of an extended result code is its primary code.
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _BUSY_CODES
+    message = str(exc)
+    return "locked" in message or "busy" in message
+
+
+def _unique_queue_names(queues: Iterable[str]) -> list[str]:
+    if isinstance(queues, str):
+        raise TypeError(
+            f"invalid queues={queues!r}: expected a list of queue names, "
+            f"for example [{queues!r}]"
+        )
+    names = list(dict.fromkeys(queues))
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"invalid queue name {name!r}: must be a non-empty string")
+    return names
+
+
+def _delivery_ids(deliveries: Sequence[Delivery]) -> list[int]:
+    return list(dict.fromkeys(int(delivery.delivery_id) for delivery in deliveries))

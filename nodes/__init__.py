@@ -1,0 +1,32 @@
+"""Built-in sources and sinks: text, JSON lines and CSV files, and SQLite.
+
+Sources are helpers that a source node calls and yields from. Sinks are
+batched node objects that open their file or database in `setup`.
+"""
+
+from nodes.files import (
+    CsvSink,
+    JsonLinesSink,
+    list_files,
+    read_csv,
+    read_json_lines,
+    read_text_chunks,
+    text_size_bytes,
+)
+from nodes.sqlite import SQLiteSink, read_sqlite
+
+__all__ = [
+    # Text files
+    "list_files",
+    "read_text_chunks",
+    "text_size_bytes",
+    # JSON lines
+    "JsonLinesSink",
+    "read_json_lines",
+    # CSV
+    "CsvSink",
+    "read_csv",
+    # SQLite
+    "SQLiteSink",
+    "read_sqlite",
+]
