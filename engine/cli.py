@@ -260,6 +260,85 @@ def worker(
     context.exit(supervisor.run())
 
 
+@cli.command()
+@click.argument(
+    "pipeline_files",
+    nargs=-1,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+@click.option(
+    "--bind",
+    default="127.0.0.1:7600",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Address that the MMOP port listens on.",
+)
+@click.option(
+    "--secret-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"File holding the cluster secret; default: ${SECRET_VARIABLE}, or on "
+    "loopback a new secret written to .monomyth/secret.",
+)
+@click.option(
+    "--stream",
+    "stream_url",
+    default="sqlite:///.monomyth/cluster.db",
+    show_default=True,
+    metavar="URL",
+    help="Data stream URL that the workers' nodes use.",
+)
+@click.option(
+    "-p",
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Set a run parameter of the pipelines; repeat for several.",
+)
+@click.option(
+    "--exit-when-done",
+    is_flag=True,
+    help="Stop the workers and exit once every pipeline has finished.",
+)
+@click.option(
+    "--worker-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds of silence after which a worker is declared lost.",
+)
+def master(
+    pipeline_files: tuple[Path, ...],
+    bind: str,
+    secret_file: Path | None,
+    stream_url: str,
+    params: tuple[str, ...],
+    exit_when_done: bool,
+    worker_timeout: float,
+) -> None:
+    """Run the master: load PIPELINE_FILES and start their nodes on workers."""
+    from engine.cluster import serve_master
+
+    host, port = _parse_address(bind, "--bind")
+    secret = _read_secret(secret_file) if secret_file and secret_file.exists() else None
+    secret = secret or _read_secret(None)
+    try:
+        code = serve_master(
+            pipeline_files,
+            host,
+            port,
+            secret,
+            secret_file,
+            stream_url,
+            _parse_params(params),
+            exit_when_done,
+            worker_timeout,
+        )
+    except ParameterError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.get_current_context().exit(code)
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the `engine` command; the console-script entry point."""
     _run(cli, args, "engine")

@@ -245,10 +245,10 @@ class Pipeline:
                 )
         if batched is None:
             batched = bool(getattr(function, "batched", False))
-        if kind == "source" and (after is not None or route is not None or batched):
+        if kind == "source" and (after is not None or batched):
             raise PipelineError(
-                f"source node {name!r} pulls nothing, so it takes no after=, "
-                "route= or batched=; use a transform to read from other nodes"
+                f"source node {name!r} pulls nothing, so it takes no after= or "
+                "batched=; use a transform to read from other nodes"
             )
         if kind == "sink" and route is not None:
             raise PipelineError(

@@ -91,7 +91,7 @@ class LocalRun:
         try:
             self._prepare_queues(stream)
             for hook in self.pipeline.start_hooks:
-                hook(self.params)
+                _run_hook(hook, self.params, "on_start", self.pipeline.name)
             started = time.monotonic()
             secret = secrets.token_hex(32)
             self.master = Master(secret.encode(), self.stream_url)
@@ -255,10 +255,23 @@ class LocalRun:
         )
         if outcome == "completed":
             for hook in self.pipeline.completion_hooks:
-                hook(self.params)
+                _run_hook(hook, self.params, "on_complete", self.pipeline.name)
         return RunOutcome(
             status=outcome,
             has_node_failures=has_node_failures,
             failed_items=sum(fail_depths.values()),
             elapsed_s=elapsed_s,
         )
+
+
+def _run_hook(hook: Any, params: dict[str, Any], kind: str, pipeline: str) -> None:
+    try:
+        hook(params)
+    except EngineError:
+        raise
+    except Exception as exc:
+        name = getattr(hook, "__name__", repr(hook))
+        raise EngineError(
+            f"{kind} hook {name!r} of pipeline {pipeline!r} failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc

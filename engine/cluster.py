@@ -1,0 +1,121 @@
+"""`engine master`: the master as a long-running process of a cluster."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import secrets
+import signal
+import threading
+from pathlib import Path
+
+from engine.errors import EngineError
+from engine.loader import load_pipeline
+from engine.master import Master, TypeState
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SECRET_FILE = Path(".monomyth/secret")
+
+
+def is_loopback(host: str) -> bool:
+    """Return True when `host` names a loopback address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ensure_secret(host: str, secret: bytes | None, secret_file: Path | None) -> bytes:
+    """Return the cluster secret, creating one for a loopback master.
+
+    Raises `EngineError` when a master bound beyond loopback has none.
+    """
+    if secret is not None:
+        return secret
+    if not is_loopback(host):
+        raise EngineError(
+            f"missing cluster secret for a master bound to {host}: pass "
+            "--secret-file PATH or set $MONOMYTH_SECRET, and give the workers the "
+            "same secret"
+        )
+    path = secret_file or DEFAULT_SECRET_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = secrets.token_hex(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text + "\n")
+    logger.info(
+        "new cluster secret written to %s; start workers with --secret-file %s",
+        path,
+        path,
+    )
+    return text.encode()
+
+
+def serve_master(
+    pipeline_files: tuple[Path, ...],
+    host: str,
+    port: int,
+    secret: bytes | None,
+    secret_file: Path | None,
+    stream_url: str,
+    overrides: dict[str, str],
+    exit_when_done: bool,
+    worker_timeout_s: float,
+) -> int:
+    """Run a master until SIGINT or SIGTERM, or until its pipelines finish.
+
+    Returns the exit code: 0, or 4 when a node type of a pipeline failed.
+    """
+    pipelines = []
+    for path in pipeline_files:
+        pipeline = load_pipeline(path)
+        pipeline.check()
+        pipelines.append((pipeline, pipeline.resolve_params(_own(pipeline, overrides))))
+    key = ensure_secret(host, secret, secret_file)
+    master = Master(
+        key, stream_url, host=host, port=port, worker_timeout_s=worker_timeout_s
+    )
+    master.start()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        logger.info("signal %d received; stopping workers", signum)
+        stop.set()
+
+    previous = {
+        number: signal.signal(number, on_signal)
+        for number in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        for pipeline, params in pipelines:
+            for hook in pipeline.start_hooks:
+                hook(params)
+            master.add_pipeline(pipeline, params)
+            master.start_pipeline(pipeline.name)
+        names = [pipeline.name for pipeline, _ in pipelines]
+        while not stop.wait(0.5):
+            if exit_when_done and all(master.is_pipeline_done(n) for n in names):
+                logger.info("every pipeline finished; stopping workers")
+                break
+        master.shutdown_workers(drain_timeout_s=60.0)
+        failed = [
+            node_type
+            for node_type, entry in master.type_stats().items()
+            if entry["state"] == TypeState.FAILED.value
+        ]
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        master.close()
+    return 4 if failed else 0
+
+
+def _own(pipeline: object, overrides: dict[str, str]) -> dict[str, str]:
+    # With several pipelines, each takes the parameters it declares.
+    declared = getattr(pipeline, "params", {})
+    return {key: value for key, value in overrides.items() if key in declared}

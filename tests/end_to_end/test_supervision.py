@@ -1,0 +1,371 @@
+"""Whole runs where nodes crash, items fail, recipes break or Ctrl-C arrives."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+
+from engine.streams import open_stream
+from tests.end_to_end.conftest import engine_command, run_engine
+from tests.helpers import wait_for
+
+# A word count whose map node kills its own process with SIGKILL the first
+# time it meets the chunk that holds the word "poison".
+CRASHING_WORDCOUNT = """
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+from engine import Pipeline, param
+from nodes import SQLiteSink, read_text_chunks
+
+pipeline = Pipeline("crashing", params={"input": "", "output": "", "marker": ""})
+
+
+@pipeline.source(batch_size=5)
+def read(ctx):
+    yield from read_text_chunks(ctx.params["input"], lines_per_chunk=2)
+
+
+@pipeline.transform(after="read", batch_size=5)
+def count(chunk, ctx):
+    marker = Path(ctx.params["marker"])
+    if "poison" in chunk["text"] and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return dict(Counter(chunk["text"].lower().split()))
+
+
+@pipeline.on_start
+def create(params):
+    import sqlite3
+    with sqlite3.connect(params["output"]) as db:
+        db.execute("CREATE TABLE word_counts(word TEXT PRIMARY KEY, count INTEGER)")
+    db.close()
+
+
+pipeline.add(
+    "sink",
+    "store",
+    SQLiteSink(
+        path=param("output"),
+        statement="INSERT INTO word_counts VALUES (?, ?) "
+        "ON CONFLICT(word) DO UPDATE SET count = count + excluded.count",
+        rows=lambda counts: counts.items(),
+    ),
+    after="count",
+)
+"""
+
+
+def test_killed_node_restarted_and_run_completes(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(
+        CRASHING_WORDCOUNT.replace("params_output if False else ", "")
+    )
+    corpus = tmp_path / "text.txt"
+    lines = [f"word{i % 7} common line{i}" for i in range(200)]
+    lines[101] = "poison common"
+    corpus.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "counts.db"
+    marker = tmp_path / "killed.pid"
+
+    result = run_engine(
+        "run",
+        str(pipeline),
+        "-p",
+        f"input={corpus}",
+        "-p",
+        f"output={output}",
+        "-p",
+        f"marker={marker}",
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert marker.exists()
+    assert "signal 9 (SIGKILL)" in result.stderr + result.stdout
+    with sqlite3.connect(output) as connection:
+        counts = dict(connection.execute("SELECT word, count FROM word_counts"))
+    connection.close()
+    # At least once: every chunk is counted, a redelivered one maybe twice.
+    assert counts["common"] >= 200
+    assert counts["poison"] >= 1
+    for i in range(200):
+        if i != 101:
+            assert counts[f"line{i}"] >= 1
+
+
+FAILING_ITEMS = """
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("failing", params={"output": "out.jsonl"})
+
+
+@pipeline.source()
+def numbers():
+    yield from range(20)
+
+
+@pipeline.transform(after="numbers")
+def invert(number):
+    if number % 5 == 0:
+        raise ValueError(f"cannot invert {number}")
+    return 1 / number
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="invert")
+"""
+
+
+def test_failed_items_go_to_fail_queue(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(FAILING_ITEMS)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path)
+
+    assert result.returncode == 3, result.stderr
+    assert "4 failed items kept in queue failing.invert-fail" in result.stdout
+    written = [
+        json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()
+    ]
+    assert len(written) == 16
+    stream = open_stream(f"sqlite:///{tmp_path}/.monomyth/failing.db", owner="test")
+    try:
+        deliveries = stream.pull(["failing.invert-fail"], 100, 0.5)
+        records = [json.loads(d.body) for d in deliveries]
+    finally:
+        stream.close()
+    assert sorted(r["payload"] for r in records) == [0, 5, 10, 15]
+    error = records[0]["errors"][0]
+    assert error["type"] == "ValueError"
+    assert error["message"].startswith("cannot invert")
+    assert "Traceback" in error["traceback"]
+    assert error["node"] == "invert"
+    assert error["attempt"] == 1
+
+
+RETRYING = """
+from pathlib import Path
+
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("retrying", params={"output": "out.jsonl", "attempts": ""})
+
+
+@pipeline.source()
+def numbers():
+    yield from range(3)
+
+
+@pipeline.transform(after="numbers", retries=2, retry_backoff_s=0.05)
+def flaky(number, ctx):
+    log = Path(ctx.params["attempts"])
+    with log.open("a") as file:
+        file.write(f"{number}\\n")
+    if number == 1:
+        raise RuntimeError("always fails")
+    return number
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="flaky")
+"""
+
+
+def test_failing_item_retried_then_failed(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(RETRYING)
+    attempts = tmp_path / "attempts.txt"
+
+    result = run_engine(
+        "run", str(pipeline), "-p", f"attempts={attempts}", cwd=tmp_path
+    )
+
+    assert result.returncode == 3, result.stderr
+    tried = attempts.read_text().split()
+    assert tried.count("1") == 3
+    assert tried.count("0") == 1
+    stream = open_stream(f"sqlite:///{tmp_path}/.monomyth/retrying.db", owner="test")
+    try:
+        record = json.loads(stream.pull(["retrying.flaky-fail"], 10, 0.5)[0].body)
+    finally:
+        stream.close()
+    assert [error["attempt"] for error in record["errors"]] == [1, 2, 3]
+
+
+MISSING_MODULE = """
+import sys
+from pathlib import Path
+
+# Only this process can import the helper: the worker never runs this file.
+sys.path.insert(0, str(Path(__file__).parent / "private"))
+import private_helper
+
+from engine import Pipeline
+
+pipeline = Pipeline("broken")
+
+
+@pipeline.source()
+def numbers():
+    yield from range(3)
+
+
+pipeline.transform("double", after="numbers")(private_helper.double)
+
+
+@pipeline.sink(after="double")
+def discard(item):
+    pass
+"""
+
+
+def test_unloadable_recipe_fails_node_clearly(tmp_path, write_pipeline) -> None:
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "private_helper.py").write_text("def double(x):\n    return 2 * x\n")
+    pipeline = write_pipeline(MISSING_MODULE)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path)
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 4, output
+    assert "needs the module 'private_helper'" in output
+    assert "double" in output
+    assert re.search(r"double\s+failed", result.stdout)
+    assert re.search(r"numbers\s+completed", result.stdout)
+
+
+INVALID = """
+from engine import Pipeline
+
+pipeline = Pipeline("invalid")
+
+
+@pipeline.source()
+def read():
+    yield 1
+
+
+@pipeline.transform(after=["read", "second"])
+def first(item):
+    return item
+
+
+@pipeline.transform(after="first")
+def second(item):
+    return item
+
+
+@pipeline.sink(after="second")
+def write(item):
+    pass
+"""
+
+
+def test_cyclic_pipeline_rejected_before_start(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(INVALID)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert "Error: cycle 'first' -> 'second' -> 'first'" in result.stderr
+    assert not (tmp_path / ".monomyth").exists()
+
+
+SLOW = """
+import time
+
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("slow", params={"output": "out.jsonl"})
+
+
+@pipeline.source(batch_size=100)
+def numbers():
+    yield from range(2000)
+
+
+@pipeline.transform(after="numbers", batch_size=10)
+def wait(number):
+    time.sleep(0.005)
+    return number
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="wait")
+"""
+
+
+def test_interrupt_drains_without_losing_items(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(SLOW)
+    output = tmp_path / "out.jsonl"
+    process = subprocess.Popen(
+        [engine_command(), "run", str(pipeline)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: output.exists() and len(output.read_text().splitlines()) >= 50,
+            timeout_s=60,
+            what="50 items written by the sink",
+        )
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stdout
+    written = [int(line) for line in output.read_text().splitlines()]
+    stream = open_stream(f"sqlite:///{tmp_path}/.monomyth/slow.db", owner="test")
+    try:
+        depths = stream.depths(["slow.numbers-to-wait", "slow.wait-to-write"])
+    finally:
+        stream.close()
+    assert len(written) < 2000
+    assert len(set(written)) == len(written)
+    assert len(written) + sum(depths.values()) == 2000
+
+    # The next run refuses to mix its items with the leftovers.
+    again = run_engine("run", str(pipeline), cwd=tmp_path)
+    assert again.returncode == 1
+    assert "--purge" in again.stderr
+
+
+def test_worker_leaves_no_node_processes(tmp_path, write_pipeline) -> None:
+    import psutil
+
+    pipeline = write_pipeline(SLOW)
+    process = subprocess.Popen(
+        [engine_command(), "run", str(pipeline)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        parent = psutil.Process(process.pid)
+        wait_for(
+            lambda: len(parent.children(recursive=True)) >= 4,
+            timeout_s=60,
+            what="the worker and its node processes",
+        )
+        descendants = parent.children(recursive=True)
+        os.kill(process.pid, signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    def all_gone() -> bool:
+        return not any(p.is_running() and p.status() != "zombie" for p in descendants)
+
+    wait_for(all_gone, timeout_s=30, what="every worker and node process to exit")
