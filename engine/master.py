@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine import protocol as mmop
 from engine.errors import EngineError, ProtocolError
-from engine.recipe import build_recipe, read_header
+from engine.recipe import build_recipe
 
 if TYPE_CHECKING:
     from engine.pipeline import Pipeline
@@ -358,16 +358,19 @@ class Master:
             while not self.is_closed:
                 try:
                     message = connection.receive()
-                except mmop.ConnectionClosedError:
+                except mmop.ConnectionClosedError as exc:
+                    logger.debug("connection from %s:%d closed: %s", *address[:2], exc)
                     break
                 except ProtocolError as exc:
+                    # The bad frame was consumed, so the connection stays in sync.
                     logger.error(
-                        "invalid message from %s:%d: %s; closing the connection",
+                        "invalid message from %s:%d rejected: %s",
                         address[0],
                         address[1],
                         exc,
                     )
-                    break
+                    connection.send(mmop.Rejected(reason=str(exc)))
+                    continue
                 with self.lock:
                     worker = self._handle(connection, worker, message)
         except OSError as exc:
@@ -751,9 +754,3 @@ class Master:
                     **totals,
                 }
             return result
-
-
-def header_of(recipe: bytes) -> dict[str, Any]:
-    """Return a recipe's header as a dict, for reports."""
-    header = read_header(recipe)
-    return {"node_type": header.node_type, "kind": header.kind}

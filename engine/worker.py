@@ -213,15 +213,16 @@ class Worker:
         while True:
             try:
                 message = connection.receive()
-            except mmop.ConnectionClosedError:
+            except mmop.ConnectionClosedError as exc:
+                logger.debug("connection to master closed: %s", exc)
                 self._post(("disconnected", connection))
                 return
             except ProtocolError as exc:
-                # A bad frame leaves the stream out of sync: drop the connection.
-                logger.error("invalid message from master: %s; reconnecting", exc)
-                connection.close()
-                self._post(("disconnected", connection))
-                return
+                # The bad frame was consumed, so the connection stays in sync.
+                logger.error("invalid message from master rejected: %s", exc)
+                with contextlib.suppress(OSError, ProtocolError):
+                    connection.send(mmop.Rejected(reason=str(exc)))
+                continue
             except OSError as exc:
                 logger.warning("connection to master failed: %s", exc)
                 self._post(("disconnected", connection))
@@ -409,6 +410,8 @@ class Worker:
             self._send(mmop.Pong(nonce=message.nonce))
         elif isinstance(message, mmop.Welcome):
             logger.debug("extra WELCOME from master ignored")
+        elif isinstance(message, mmop.Rejected):
+            logger.error("master rejected a message: %s", message.reason)
         else:
             logger.error("unexpected %s from master; ignored", mmop.wire_name(message))
             self._send(
