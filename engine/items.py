@@ -24,15 +24,28 @@ class DecodingError(EngineError):
     """A message on a queue is not a valid item envelope."""
 
 
+SERIALIZERS = ("json", "pickle")
+
+
+def _check_serializer(serializer: str) -> None:
+    if serializer not in SERIALIZERS:
+        raise EngineError(
+            f"invalid serializer {serializer!r}: expected 'json' or 'pickle'"
+        )
+
+
 def encode(envelope: dict[str, Any], serializer: str) -> bytes:
     """Encode an envelope; raises `EncodingError` naming the value's problem."""
+    _check_serializer(serializer)
     if serializer == "pickle":
         try:
             return pickle.dumps(envelope, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             raise EncodingError(f"item cannot be pickled: {exc}") from exc
     try:
-        return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(
+            envelope, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
     except (TypeError, ValueError) as exc:
         raise EncodingError(
             f"item is not JSON-serializable ({exc}); return dicts, lists, str, "
@@ -43,6 +56,7 @@ def encode(envelope: dict[str, Any], serializer: str) -> bytes:
 
 def decode(body: bytes, serializer: str) -> dict[str, Any]:
     """Decode a message body into an envelope; raises `DecodingError`."""
+    _check_serializer(serializer)
     try:
         envelope = pickle.loads(body) if serializer == "pickle" else json.loads(body)
     except Exception as exc:

@@ -44,23 +44,30 @@ def load_pipeline(path: str | Path, name: str | None = None) -> Pipeline:
     try:
         spec.loader.exec_module(module)
     except EngineError:
+        del sys.modules[module_name]
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
+        del sys.modules[module_name]
         raise PipelineError(
             f"pipeline file {str(path)!r} raised {type(exc).__name__}: {exc}"
         ) from exc
     # The workers have no copy of this file: send its functions by value.
     cloudpickle.register_pickle_by_value(module)
 
-    pipelines = [v for v in vars(module).values() if isinstance(v, Pipeline)]
-    if name is not None:
-        pipelines = [pipeline for pipeline in pipelines if pipeline.name == name]
+    # A dict keyed by id: one pipeline bound to two names counts once.
+    found = {id(v): v for v in vars(module).values() if isinstance(v, Pipeline)}
+    defined = list(found.values())
+    pipelines = [p for p in defined if name is None or p.name == name]
     if len(pipelines) == 1:
         return pipelines[0]
-    if not pipelines:
-        wanted = f"named {name!r} " if name else ""
+    if not pipelines and name is not None and defined:
+        names = ", ".join(repr(pipeline.name) for pipeline in defined)
         raise PipelineError(
-            f"no Pipeline {wanted}found in {str(path)!r}; define one at module "
+            f"no Pipeline named {name!r} in {str(path)!r}; it defines {names}"
+        )
+    if not pipelines:
+        raise PipelineError(
+            f"no Pipeline found in {str(path)!r}; define one at module "
             "level, for example: pipeline = Pipeline('wordcount')"
         )
     names = ", ".join(repr(pipeline.name) for pipeline in pipelines)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -78,12 +79,13 @@ def _require(
     value: object, kind: type | tuple[type, ...], minimum: float, node: str, name: str
 ) -> None:
     is_number = isinstance(value, kind) and not isinstance(value, bool)
-    if not is_number or value < minimum:  # type: ignore[operator]
-        bound = "1 or more" if minimum == 1 else f"{minimum} or more"
-        raise PipelineError(
-            f"invalid {name}={value!r} for node {node!r}: {name} must be a number "
-            f"{bound}"
-        )
+    if is_number and math.isfinite(value) and value >= minimum:  # type: ignore[arg-type]
+        return
+    noun = "an integer" if kind is int else "a number"
+    raise PipelineError(
+        f"invalid {name}={value!r} for node {node!r}: {name} must be {noun} "
+        f"{minimum} or more"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +179,7 @@ class Pipeline:
     ) -> Callable:
         # Allows both `@pipeline.sink` and `@pipeline.sink(...)`.
         if callable(name):
-            self.add(kind, name.__name__, name, **options)
+            self.add(kind, _function_name(name), name, **options)
             return name
 
         def decorate(function: Callable) -> Callable:
@@ -230,7 +232,9 @@ class Pipeline:
         if unknown:
             raise PipelineError(
                 f"node {name!r}: unknown option {unknown[0]!r}; known options are "
-                + ", ".join(sorted(known | {"after", "setup", "teardown", "route"}))
+                + ", ".join(
+                    sorted(known | {"after", "batched", "route", "setup", "teardown"})
+                )
             )
         node_settings = NodeSettings(**settings)
         node_settings.check(name)
@@ -273,9 +277,12 @@ class Pipeline:
             is_batched=batched,
             takes_context=takes_context,
         )
-        self.nodes[name] = spec
+        # Check the edges first, so that a rejected node leaves no trace.
+        edges: list[Edge] = []
         for upstream, when in _normalize_after(name, after):
-            self.connect(upstream, name, when=when)
+            edges.append(self._new_edge(upstream, name, when, edges))
+        self.nodes[name] = spec
+        self.edges.extend(edges)
         return spec
 
     def connect(
@@ -285,18 +292,27 @@ class Pipeline:
 
         Edges may name nodes declared later; `check` verifies them.
         """
+        self.edges.append(self._new_edge(source, target, when))
+
+    def _new_edge(
+        self,
+        source: str,
+        target: str,
+        when: Callable[[Any], bool] | None,
+        pending: list[Edge] = (),  # type: ignore[assignment]
+    ) -> Edge:
         if when is not None and not callable(when):
             raise PipelineError(
                 f"edge {source!r} -> {target!r}: when= must be a function of a "
                 f"result returning True or False, got {when!r}"
             )
-        for edge in self.edges:
+        for edge in [*self.edges, *pending]:
             if (edge.source, edge.target) == (source, target):
                 raise PipelineError(
                     f"duplicate edge {source!r} -> {target!r}; connect two nodes "
                     "once, and combine filters in one when= function"
                 )
-        self.edges.append(Edge(source, target, when))
+        return Edge(source, target, when)
 
     def check_params(
         self, function: Callable[[dict[str, Any]], None]
@@ -558,6 +574,11 @@ def _takes_context(name: str, kind: NodeKind, function: Callable) -> bool:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     has_varargs = any(p.kind == p.VAR_POSITIONAL for p in signature.parameters.values())
+    if any(
+        p.kind == p.KEYWORD_ONLY and p.default is p.empty
+        for p in signature.parameters.values()
+    ):
+        raise _shape_error(name, kind, signature)
     required = [p for p in positional if p.default is p.empty]
     data_arguments = 0 if kind == "source" else 1
     if has_varargs or len(positional) >= data_arguments + 1:

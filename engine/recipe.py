@@ -64,7 +64,10 @@ def python_version() -> str:
 
 def build_recipe(pipeline: Pipeline, node: str, params: dict[str, Any]) -> bytes:
     """Serialize the recipe of `node`; raises `RecipeError` if it cannot be pickled."""
-    spec = pipeline.nodes[node]
+    spec = pipeline.nodes.get(node)
+    if spec is None:
+        known = ", ".join(repr(name) for name in pipeline.nodes)
+        raise RecipeError(f"node {node!r} not found; known nodes are {known}")
     outputs = tuple(
         Output(edge.target, pipeline.edge_queue(node, edge.target), edge.when)
         for edge in pipeline.edges
@@ -104,6 +107,12 @@ def read_header(data: bytes) -> RecipeHeader:
     line, _, _ = data.partition(b"\n")
     try:
         header = json.loads(line)
+        if header["format"] != FORMAT_VERSION:
+            raise RecipeError(
+                f"recipe format {header['format']!r} is not supported by this "
+                f"worker, which reads format {FORMAT_VERSION}; install the same "
+                "monomyth version on the master and every worker"
+            )
         return RecipeHeader(
             node_type=header["node_type"],
             kind=header["kind"],
