@@ -157,6 +157,8 @@ class Master:
         self.worker_numbers = itertools.count(1)
         self.listener: socket.socket | None = None
         self.is_closed = False
+        # Set once every worker was told to shut down: nothing moves any more.
+        self.is_stopping = False
         self.threads: list[threading.Thread] = []
 
     @property
@@ -445,6 +447,21 @@ class Master:
             if node is None:
                 node = NodeRecord(report["node_id"], record.node_type, None)
                 record.nodes[node.node_id] = node
+            elif node.worker_id not in (None, worker.worker_id) and node.state in (
+                NodeState.QUEUED,
+                NodeState.RUNNING,
+                NodeState.RESTARTING,
+            ):
+                # The node moved while this worker was lost: keep one copy.
+                logger.warning(
+                    "worker %s still runs node %s, which now runs on %s; "
+                    "stopping it there",
+                    worker.worker_id,
+                    node.node_id,
+                    node.worker_id,
+                )
+                self._send(worker, mmop.StopNode(node_id=node.node_id))
+                continue
             node.worker_id = worker.worker_id
             self._apply_report(node, report)
             if record.state == TypeState.PENDING:
@@ -480,7 +497,7 @@ class Master:
         if isinstance(message, mmop.WorkerStopping):
             worker.state = WorkerState.STOPPED
             logger.info("worker %s stopping: %s", worker.worker_id, message.reason)
-            self.changed.notify_all()
+            self._release_nodes(worker)
             return
         node = self._find_node(getattr(message, "node_id", ""))
         if node is None:
@@ -489,6 +506,16 @@ class Master:
                 mmop.wire_name(message),
                 worker.worker_id,
                 getattr(message, "node_id", None),
+            )
+            return
+        if node.worker_id != worker.worker_id:
+            # A report from a copy this master told to stop (see _adopt_nodes).
+            logger.debug(
+                "%s for node %s from %s ignored: the node runs on %s",
+                mmop.wire_name(message),
+                node.node_id,
+                worker.worker_id,
+                node.worker_id,
             )
             return
         record = self.types[node.node_type]
@@ -597,6 +624,7 @@ class Master:
     def shutdown_workers(self, drain_timeout_s: float) -> None:
         """Tell every worker to drain its nodes and stop."""
         with self.lock:
+            self.is_stopping = True
             for worker in self.workers.values():
                 if worker.state == WorkerState.JOINED:
                     worker.state = WorkerState.STOPPING
@@ -642,16 +670,33 @@ class Master:
         if worker.connection is not None:
             worker.connection.close()
             worker.connection = None
+        self._release_nodes(worker)
+
+    def _release_nodes(self, worker: WorkerRecord) -> None:
+        """Queue the unfinished nodes of a gone worker for the other workers."""
+        if self.is_stopping:
+            return
+        released = 0
         for record in self.types.values():
+            if record.is_done:
+                continue
             for node in record.nodes.values():
                 if node.worker_id == worker.worker_id and node.state in (
                     NodeState.QUEUED,
                     NodeState.RUNNING,
                     NodeState.RESTARTING,
+                    NodeState.STOPPED,
                 ):
                     node.worker_id = None
                     node.state = NodeState.QUEUED
                     node.pid = None
+                    released += 1
+        if released:
+            logger.info(
+                "%d nodes of worker %s queued for other workers",
+                released,
+                worker.worker_id,
+            )
         self._place_queued()
         self.changed.notify_all()
 
@@ -754,3 +799,75 @@ class Master:
                     **totals,
                 }
             return result
+
+    # Stopping and scaling the nodes of a type.
+
+    def _stop_requested_ids(self) -> set[str]:
+        """Return the ids of nodes sent STOP-NODE that may still be draining."""
+        # Created on first use; a node leaves the live states when its
+        # NODE-STOPPED arrives, and `active_node_ids` checks the state first.
+        return self.__dict__.setdefault("stop_requested_ids", set())
+
+    def active_node_ids(self, node_type: str) -> list[str]:
+        """Return the ids of the live nodes of `node_type` not asked to stop.
+
+        Live nodes are queued, running or restarting. The ids come oldest
+        first. Raises `EngineError` for an unknown node type.
+        """
+        with self.lock:
+            record = self.types.get(node_type)
+            if record is None:
+                known = ", ".join(repr(t) for t in self.types) or "none"
+                raise EngineError(
+                    f"node type {node_type!r} not found; known types are {known}"
+                )
+            stopping = self._stop_requested_ids()
+            live = (NodeState.QUEUED, NodeState.RUNNING, NodeState.RESTARTING)
+            return [
+                node.node_id
+                for node in record.nodes.values()
+                if node.state in live and node.node_id not in stopping
+            ]
+
+    def stop_nodes(self, node_type: str, count: int = 1) -> list[str]:
+        """Drain and stop up to `count` of the newest live nodes of `node_type`.
+
+        A node placed on a worker gets STOP-NODE: it finishes its batch and
+        exits, and counts as stopped once its worker reports NODE-STOPPED. A
+        node still queued for want of a worker is stopped at once. Returns
+        the ids of the nodes asked to stop, newest first; fewer than `count`
+        when fewer are live. Raises `EngineError` for an unknown node type.
+
+        Limits: stopping every node of a type leaves the type running, so
+        the types downstream of it never complete.
+        """
+        with self.lock:
+            newest_first = self.active_node_ids(node_type)[::-1][:count]
+            record = self.types[node_type]
+            for node_id in newest_first:
+                node = record.nodes[node_id]
+                worker = self.workers.get(node.worker_id or "")
+                if worker is None:
+                    node.state = NodeState.STOPPED
+                    continue
+                self._stop_requested_ids().add(node_id)
+                logger.debug("STOP-NODE %s sent to %s", node_id, worker.worker_id)
+                self._send(worker, mmop.StopNode(node_id=node_id))
+            if newest_first:
+                self._update_type(record)
+                self.changed.notify_all()
+            return newest_first
+
+    def scale_nodes(self, node_type: str, count: int) -> tuple[list[str], list[str]]:
+        """Start or stop nodes of `node_type` until `count` of them are live.
+
+        Nodes already asked to stop do not count. Returns the ids of the
+        nodes started and of those asked to stop; one of the two is empty.
+        Raises `EngineError` for an unknown node type, and for a type that
+        has completed or failed when nodes would have to start.
+        """
+        with self.lock:
+            active = len(self.active_node_ids(node_type))
+            if count > active:
+                return self.start_nodes(node_type, count - active), []
+            return [], self.stop_nodes(node_type, active - count)

@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Iterable, Sequence
@@ -123,6 +124,41 @@ def _ask_for_sigterm_on_parent_death() -> None:
         logger.debug("prctl(PR_SET_PDEATHSIG) is not available")
 
 
+class LeaseKeeper:
+    """Extend the lease of the batch in progress, so a long batch stays ours.
+
+    Runs in a daemon thread of the node process; the streams serialize calls
+    from several threads of one process.
+    """
+
+    def __init__(self, stream: Stream, interval_s: float) -> None:
+        self.stream = stream
+        self.interval_s = interval_s
+        self.deliveries: list[Delivery] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, name="lease-keeper", daemon=True
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            deliveries = self.deliveries
+            if not deliveries:
+                continue
+            try:
+                self.stream.extend_lease(deliveries)
+            except EngineError as exc:
+                logger.warning(
+                    "extending the lease of %d items failed: %s", len(deliveries), exc
+                )
+
+
 class NodeRunner:
     """The node loop of one process, with its stream, context and counters."""
 
@@ -165,6 +201,11 @@ class NodeRunner:
         queues += [output.queue for output in self.recipe.outputs]
         self.stream.declare(queues)
 
+        lease_s = getattr(self.stream, "lease_s", None)
+        self.lease_keeper = LeaseKeeper(self.stream, (lease_s or 300.0) / 3)
+        if self.spec.kind != "source":
+            self.lease_keeper.start()
+
         if self.spec.setup is not None:
             self.context.state = self.spec.setup(self.context)
         self.status.send(("started",))
@@ -175,6 +216,7 @@ class NodeRunner:
             else:
                 outcome = self._run_consumer()
         finally:
+            self.lease_keeper.stop()
             if self.spec.teardown is not None:
                 self.spec.teardown(self.context)
             self.stream.close()
@@ -296,6 +338,7 @@ class NodeRunner:
                 self._fail(envelope, delivery, exc, batch, retry=False)
 
         self.counters[ITEMS_IN] += len(deliveries)
+        self.lease_keeper.deliveries = deliveries
         if self.spec.is_batched:
             self._call_batched(envelopes, batch)
         else:
@@ -305,6 +348,7 @@ class NodeRunner:
         self._publish(batch)
         # Ack only after publishing: a crash in between redelivers the batch.
         self.stream.ack(deliveries)
+        self.lease_keeper.deliveries = []
         logger.debug(
             "batch done node=%s in=%d out=%d failed=%d",
             self.launch.node_id,

@@ -149,6 +149,20 @@ class Worker:
         """
         connection = self._open_connection(self.connect_timeout_s)
         self._register(connection)
+        try:
+            self._check_stream()
+        except EngineError as exc:
+            self._send(mmop.WorkerStopping(worker_id=self.worker_id, reason=str(exc)))
+            connection.close()
+            raise
+
+    def _check_stream(self) -> None:
+        """Open the data stream once, so a wrong URL fails here, not in every node.
+
+        Raises `StreamUnavailableError` (or `StreamError`) with the reason.
+        """
+        stream = open_stream(self.stream_url or "", owner=f"{self.worker_id}-check")
+        stream.close()
 
     def _open_connection(self, timeout_s: float) -> mmop.Connection:
         host, port = self.master_address

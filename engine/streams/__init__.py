@@ -1,13 +1,15 @@
 """Data stream backends, chosen by the scheme of a stream URL.
 
 - `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`: the embedded
-  durable stream, for one machine.
+  durable stream, for one machine. `?lease_s=SECONDS` sets how long a pulled
+  message stays hidden from other processes (default 300; a node renews the
+  lease of its batch in progress).
 - `amqp://user:password@host:5672/vhost`: RabbitMQ, for a cluster.
 """
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from engine.errors import StreamError
 from engine.streams.base import Delivery, Stream
@@ -25,11 +27,14 @@ def open_stream(url: str, owner: str = "", **options: object) -> Stream:
     URL whose scheme is not known, and `StreamUnavailableError` when the
     stream cannot be reached.
     """
-    scheme = urlsplit(url).scheme
+    parts = urlsplit(url)
+    scheme = parts.scheme
     if scheme == "sqlite":
         from engine.streams.sqlite import SQLiteStream
 
-        return SQLiteStream(sqlite_path(url), owner=owner, **options)
+        path, _, query = url.partition("?")
+        settings = {**_sqlite_options(url, query), **options}
+        return SQLiteStream(sqlite_path(path), owner=owner, **settings)
     if scheme in ("amqp", "amqps"):
         from engine.streams.rabbitmq import RabbitMQStream
 
@@ -39,6 +44,25 @@ def open_stream(url: str, owner: str = "", **options: object) -> Stream:
         f"{', '.join(SCHEMES)}; for example sqlite:///run.db "
         "or amqp://guest:guest@127.0.0.1:5672/"
     )
+
+
+def _sqlite_options(url: str, query: str) -> dict[str, object]:
+    """Read `lease_s` from the query of a SQLite URL, as in `?lease_s=60`."""
+    options: dict[str, object] = {}
+    for key, values in parse_qs(query, keep_blank_values=True).items():
+        if key != "lease_s":
+            raise StreamError(
+                f"invalid option {key!r} in stream URL {url!r}; the SQLite stream "
+                "takes only lease_s, for example sqlite:///run.db?lease_s=60"
+            )
+        try:
+            options["lease_s"] = float(values[-1])
+        except ValueError:
+            raise StreamError(
+                f"invalid lease_s={values[-1]!r} in stream URL {url!r}: expected "
+                "seconds, for example ?lease_s=60"
+            ) from None
+    return options
 
 
 def sqlite_path(url: str) -> str:

@@ -369,3 +369,84 @@ def test_worker_leaves_no_node_processes(tmp_path, write_pipeline) -> None:
         return not any(p.is_running() and p.status() != "zombie" for p in descendants)
 
     wait_for(all_gone, timeout_s=30, what="every worker and node process to exit")
+
+
+LONG_BATCHES = """
+import os
+import time
+
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("long", params={"output": "out.jsonl"})
+
+
+@pipeline.source(batch_size=1)
+def numbers():
+    yield from range(6)
+
+
+@pipeline.transform(after="numbers", batch_size=1, processes=2)
+def slow(number):
+    # Busy for longer than the 1 s lease, so only lease renewal keeps the item.
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        pass
+    return {"number": number, "pid": os.getpid()}
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="slow")
+"""
+
+
+def test_long_batch_keeps_its_lease(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(LONG_BATCHES)
+    stream = f"sqlite:///{tmp_path}/long.db?lease_s=1"
+
+    result = run_engine("run", str(pipeline), "--stream", stream, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    numbers = sorted(json.loads(line)["number"] for line in lines)
+    assert numbers == list(range(6))
+
+
+ALWAYS_CRASHING = """
+import os
+
+from engine import Pipeline
+
+pipeline = Pipeline("doomed")
+
+
+@pipeline.source()
+def numbers():
+    yield from range(3)
+
+
+def explode(ctx):
+    raise RuntimeError("cannot open the device")
+
+
+@pipeline.transform(after="numbers", setup=explode, max_restarts=2)
+def use(number):
+    return number
+
+
+@pipeline.sink(after="use")
+def discard(item):
+    pass
+"""
+
+
+def test_restart_budget_spent_fails_node(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(ALWAYS_CRASHING)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path)
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 4, output
+    assert "restart 2 of 2" in output
+    assert "giving up" in output
+    assert "last error: RuntimeError: cannot open the device" in result.stdout
+    assert re.search(r"use\s+failed", result.stdout)
