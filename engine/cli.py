@@ -301,6 +301,15 @@ def worker(
     help="Stop the workers and exit once every pipeline has finished.",
 )
 @click.option(
+    "--workers",
+    "min_workers",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Workers to wait for before starting the pipelines' nodes, so that "
+    "the first to join does not take them all.",
+)
+@click.option(
     "--worker-timeout",
     type=click.FloatRange(min=0.1),
     default=10.0,
@@ -314,6 +323,7 @@ def master(
     stream_url: str,
     params: tuple[str, ...],
     exit_when_done: bool,
+    min_workers: int,
     worker_timeout: float,
 ) -> None:
     """Run the master: load PIPELINE_FILES and start their nodes on workers."""
@@ -333,6 +343,7 @@ def master(
             _parse_params(params),
             exit_when_done,
             worker_timeout,
+            min_workers,
         )
     except ParameterError as exc:
         raise click.UsageError(str(exc)) from exc

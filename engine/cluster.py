@@ -66,6 +66,7 @@ def serve_master(
     overrides: dict[str, str],
     exit_when_done: bool,
     worker_timeout_s: float,
+    min_workers: int = 1,
 ) -> int:
     """Run a master until SIGINT or SIGTERM, or until its pipelines finish.
 
@@ -92,6 +93,10 @@ def serve_master(
         for number in (signal.SIGINT, signal.SIGTERM)
     }
     try:
+        if min_workers and pipelines:
+            logger.info("waiting for %d workers to join", min_workers)
+            if not master.wait_workers(min_workers, stop):
+                return 0
         for pipeline, params in pipelines:
             for hook in pipeline.start_hooks:
                 hook(params)

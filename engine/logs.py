@@ -46,5 +46,10 @@ def configure_logging(level: str = "info", log_format: LogFormat = "text") -> No
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # pika logs every frame at DEBUG and every reconnect at INFO.
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika logs every frame at DEBUG, and each failed connection attempt as an
+    # ERROR with a traceback that the RabbitMQ stream catches and reports in
+    # its own words; its lines show only at debug level.
+    is_debug = level.lower() == "debug"
+    logging.getLogger("pika").setLevel(
+        logging.WARNING if is_debug else logging.CRITICAL
+    )

@@ -647,6 +647,18 @@ class Master:
             worker.state = WorkerState.STOPPING
             self._send(worker, mmop.Shutdown(drain_timeout_s=drain_timeout_s))
 
+    def wait_workers(self, count: int, stop: threading.Event) -> bool:
+        """Wait until `count` workers have joined; False if `stop` is set first."""
+        with self.changed:
+            while not stop.is_set():
+                joined = [
+                    w for w in self.workers.values() if w.state == WorkerState.JOINED
+                ]
+                if len(joined) >= count:
+                    return True
+                self.changed.wait(0.5)
+        return False
+
     def _monitor_loop(self) -> None:
         while not self.is_closed:
             time.sleep(min(self.heartbeat_interval_s, 1.0))

@@ -1,0 +1,311 @@
+"""A master and worker processes on one host, with RabbitMQ as the stream."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.end_to_end.conftest import EXAMPLES, engine_command, run_engine
+from tests.end_to_end.test_wordcount import expected_counts, make_corpus, read_counts
+from tests.helpers import require_service, wait_for
+
+WORDCOUNT = str(EXAMPLES / "wordcount.py")
+API_OFF: tuple[str, ...] = ()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def vhost():
+    """Yield a RabbitMQ vhost of the test's own, deleted afterwards."""
+    require_service("RabbitMQ", 5672)
+    name = f"monomyth-test-{uuid.uuid4().hex[:12]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True)
+    subprocess.run(
+        ["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+        check=True,
+    )
+    yield name
+    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], check=False)
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "secret"
+    path.write_text(uuid.uuid4().hex)
+    return path
+
+
+class Cluster:
+    """Processes of one test cluster, all stopped at the end of the test."""
+
+    def __init__(self, tmp_path: Path, secret_file: Path) -> None:
+        self.tmp_path = tmp_path
+        self.secret_file = secret_file
+        self.port = free_port()
+        self.processes: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    def start(self, *args: str, name: str) -> subprocess.Popen:
+        log = self.tmp_path / f"{name}.log"
+        with log.open("w") as output:
+            process = subprocess.Popen(
+                [engine_command(), *args],
+                cwd=self.tmp_path,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.processes.append(process)
+        self.logs.append(log)
+        return process
+
+    def start_master(self, *args: str) -> subprocess.Popen:
+        return self.start(
+            "master",
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--secret-file",
+            str(self.secret_file),
+            *API_OFF,
+            *args,
+            name="master",
+        )
+
+    def start_worker(self, name: str, *args: str) -> subprocess.Popen:
+        return self.start(
+            "worker",
+            "--master",
+            f"127.0.0.1:{self.port}",
+            "--secret-file",
+            str(self.secret_file),
+            *args,
+            name=name,
+        )
+
+    def output(self) -> str:
+        return "\n".join(log.read_text() for log in self.logs if log.exists())
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, secret_file: Path):
+    cluster = Cluster(tmp_path, secret_file)
+    yield cluster
+    cluster.stop()
+
+
+def amqp_url(vhost: str) -> str:
+    return f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+
+
+def test_cluster_wordcount_matches_counter(tmp_path: Path, cluster, vhost) -> None:
+    paths = make_corpus(tmp_path / "corpus")
+    output = tmp_path / "counts.db"
+    master = cluster.start_master(
+        WORDCOUNT,
+        "--stream",
+        amqp_url(vhost),
+        "--exit-when-done",
+        "--workers",
+        "2",
+        "-p",
+        f"input={tmp_path / 'corpus'}",
+        "-p",
+        f"output={output}",
+    )
+    cluster.start_worker("worker-a")
+    cluster.start_worker("worker-b")
+
+    assert master.wait(timeout=120) == 0, cluster.output()
+    assert read_counts(output) == expected_counts(paths)
+    # The two count processes go one to each worker: fewest of the type first.
+    for name in ("worker-a", "worker-b"):
+        log = (tmp_path / f"{name}.log").read_text()
+        assert len(re.findall(r"node wordcount\.count#\d started", log)) == 1, log
+
+
+SLOW_COUNT = """
+import time
+from collections import Counter
+
+from engine import Pipeline, param
+from nodes import SQLiteSink, read_text_chunks
+
+pipeline = Pipeline("slowcount", params={"input": "", "output": ""})
+
+
+@pipeline.source(batch_size=10)
+def read(ctx):
+    yield from read_text_chunks(ctx.params["input"], lines_per_chunk=1)
+
+
+@pipeline.transform(after="read", processes=2, batch_size=5)
+def count(chunk):
+    time.sleep(0.05)
+    return dict(Counter(chunk["text"].lower().split()))
+
+
+@pipeline.on_start
+def create(params):
+    import sqlite3
+    with sqlite3.connect(params["output"]) as db:
+        db.execute("CREATE TABLE word_counts(word TEXT PRIMARY KEY, count INTEGER)")
+    db.close()
+
+
+pipeline.add(
+    "sink",
+    "store",
+    SQLiteSink(
+        path=param("output"),
+        statement="INSERT INTO word_counts VALUES (?, ?) "
+        "ON CONFLICT(word) DO UPDATE SET count = count + excluded.count",
+        rows=lambda counts: counts.items(),
+    ),
+    after="count",
+)
+"""
+
+
+def test_killed_worker_items_delivered_again(
+    tmp_path: Path, cluster, vhost, write_pipeline
+) -> None:
+    pipeline = write_pipeline(SLOW_COUNT)
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("".join(f"line{i} shared\n" for i in range(400)))
+    output = tmp_path / "counts.db"
+    master = cluster.start_master(
+        str(pipeline),
+        "--stream",
+        amqp_url(vhost),
+        "--exit-when-done",
+        "--worker-timeout",
+        "2",
+        "-p",
+        f"input={corpus}",
+        "-p",
+        f"output={output}",
+    )
+    first = cluster.start_worker("worker-a")
+    wait_for(
+        lambda: "worker worker-1 joined" in cluster.output(),
+        timeout_s=30,
+        what="the first worker to join",
+    )
+    cluster.start_worker("worker-b")
+
+    def counting_on_first() -> bool:
+        children = psutil.Process(first.pid).children(recursive=True)
+        return len(children) >= 2 and output.exists() and _counted(output) > 40
+
+    wait_for(counting_on_first, timeout_s=60, what="nodes counting on worker-a")
+    # Kill the worker and its nodes at once: their pulled items are unacked.
+    os.killpg(first.pid, signal.SIGKILL)
+
+    assert master.wait(timeout=120) == 0, cluster.output()
+    with sqlite3.connect(output) as connection:
+        counts = Counter(
+            dict(connection.execute("SELECT word, count FROM word_counts"))
+        )
+    connection.close()
+    assert "worker worker-1 lost" in cluster.output()
+    for i in range(400):
+        assert counts[f"line{i}"] >= 1, f"line{i} was never counted"
+    assert counts["shared"] >= 400
+
+
+def _counted(output: Path) -> int:
+    try:
+        with sqlite3.connect(output) as connection:
+            row = connection.execute(
+                "SELECT count FROM word_counts WHERE word = 'shared'"
+            ).fetchone()
+        connection.close()
+    except sqlite3.Error:
+        return 0
+    return row[0] if row else 0
+
+
+def test_worker_without_master_exits_clearly(tmp_path: Path, secret_file) -> None:
+    port = free_port()
+
+    result = run_engine(
+        "worker",
+        "--master",
+        f"127.0.0.1:{port}",
+        "--secret-file",
+        str(secret_file),
+        "--connect-timeout",
+        "1",
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 1
+    assert f"connection to master at 127.0.0.1:{port} failed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_wrong_secret_exits_clearly(
+    tmp_path: Path, cluster, secret_file
+) -> None:
+    cluster.start_master("--stream", f"sqlite:///{tmp_path}/s.db")
+    wait_for(
+        lambda: "master listening" in cluster.output(),
+        timeout_s=30,
+        what="the master to listen",
+    )
+    wrong = tmp_path / "wrong-secret"
+    wrong.write_text("not the cluster secret")
+
+    result = run_engine(
+        "worker",
+        "--master",
+        f"127.0.0.1:{cluster.port}",
+        "--secret-file",
+        str(wrong),
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 1
+    assert "authentication failed" in result.stderr
+    assert "not the cluster secret" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_refused_broker_exits_clearly(tmp_path: Path, cluster) -> None:
+    require_service("RabbitMQ", 5672)
+    cluster.start_master("--stream", "amqp://guest:wrong@127.0.0.1:5672/")
+    wait_for(
+        lambda: "master listening" in cluster.output(),
+        timeout_s=30,
+        what="the master to listen",
+    )
+
+    worker = cluster.start_worker("worker-a")
+
+    assert worker.wait(timeout=60) == 1
+    log = (tmp_path / "worker-a.log").read_text()
+    assert "refused the credentials" in log
+    assert "wrong" not in log.replace("amqp://guest:***", "")
+    assert "Traceback" not in log
