@@ -11,6 +11,10 @@ when every node type has completed or failed. Ctrl-C drains the worker: each
 node finishes and acks its batch, runs `teardown` and exits, so nothing pulled
 is lost. A second Ctrl-C kills the worker and its nodes; what they had pulled
 stays in the stream file and is delivered again when its lease expires.
+
+The run's control API listens on a free loopback port, and the discovery file
+`.monomyth/control.json` lets `engine status` and the other control commands
+find it when they run in the same folder.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.api import ControlAPI
 from engine.errors import EngineError
 from engine.loader import load_pipeline
 from engine.master import Master, TypeState
@@ -96,9 +101,14 @@ class LocalRun:
             secret = secrets.token_hex(32)
             self.master = Master(secret.encode(), self.stream_url)
             self.master.start()
+            control = ControlAPI(
+                self.master, "127.0.0.1", 0, secret.encode(), self.stream_url
+            )
             previous = signal.signal(signal.SIGINT, self._on_interrupt)
             try:
                 self.master.add_pipeline(self.pipeline, self.params)
+                control.start()
+                control.write_discovery([self.pipeline.name])
                 self.worker = self._start_worker(self.master.port, secret)
                 self.master.start_pipeline(self.pipeline.name)
                 with self.display:
@@ -107,6 +117,7 @@ class LocalRun:
                     self._show(stream)
             finally:
                 signal.signal(signal.SIGINT, previous)
+                control.close()
                 self.master.close()
             return self._finish(stream, status, time.monotonic() - started)
         finally:
