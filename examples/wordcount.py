@@ -1,18 +1,28 @@
 """Word count, the map-reduce example.
 
 A source reads text files in chunks of 10 lines, a map node counts the words
-of each chunk, and a sink adds the counts into the SQLite table
-`word_counts(word TEXT PRIMARY KEY, count INTEGER)`. A word is a
-whitespace-separated token, lowercased.
+of each chunk, and a sink adds the counts into a table. A word is a
+whitespace-separated token, lowercased. By default the table is the SQLite
+table `word_counts(word TEXT PRIMARY KEY, count INTEGER)`. With
+`-p sink=postgres` it is the PostgreSQL table
+`map_reduce.word_counts(word TEXT PRIMARY KEY, word_count BIGINT NOT NULL)`.
 
     engine run examples/wordcount.py
     engine run examples/wordcount.py -p input=books/ -p output=counts.db
+    engine run examples/wordcount.py -p sink=postgres
 
 Parameters:
     input   a file, or a folder whose files are all read; default: the .py
             files of this Python's standard library, without site-packages
     output  the SQLite file of the counts; default: wordcount.db
     lines   lines per chunk; default: 10
+    sink    where the counts go: sqlite or postgres; default: sqlite
+    dsn     the PostgreSQL database for sink=postgres; default:
+            postgresql://postgres@127.0.0.1:5432/test
+
+With sink=postgres, the run first applies the migrations in
+examples/migrations that the database lacks, as `python scripts/migrate.py
+up` does, then empties the table.
 """
 
 import sqlite3
@@ -21,14 +31,29 @@ from collections import Counter
 from pathlib import Path
 
 from engine import ParameterError, Pipeline, param
-from nodes import SQLiteSink, list_files, read_text_chunks
+from nodes import (
+    PostgresSink,
+    SQLiteSink,
+    connect_postgres,
+    list_files,
+    migrate_postgres,
+    read_text_chunks,
+)
 
 STANDARD_LIBRARY = sysconfig.get_paths()["stdlib"]
 EXCLUDED_FOLDERS = ("site-packages", "dist-packages", "__pycache__")
+SINKS = ("sqlite", "postgres")
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 pipeline = Pipeline(
     "wordcount",
-    params={"input": STANDARD_LIBRARY, "output": "wordcount.db", "lines": 10},
+    params={
+        "input": STANDARD_LIBRARY,
+        "output": "wordcount.db",
+        "lines": 10,
+        "sink": "sqlite",
+        "dsn": "postgresql://postgres@127.0.0.1:5432/test",
+    },
 )
 
 
@@ -40,6 +65,12 @@ def file_pattern(params: dict) -> str:
 
 @pipeline.check_params
 def check_input(params: dict) -> None:
+    if params["sink"] not in SINKS:
+        choices = ", ".join(repr(sink) for sink in SINKS)
+        raise ParameterError(
+            f"invalid sink={params['sink']!r}: expected one of {choices}, "
+            "as in -p sink=postgres"
+        )
     if params["lines"] < 1:
         raise ParameterError(
             f"invalid lines={params['lines']!r}: expected 1 or more lines per chunk"
@@ -54,6 +85,9 @@ def check_input(params: dict) -> None:
 
 @pipeline.on_start
 def create_table(params: dict) -> None:
+    if params["sink"] == "postgres":
+        prepare_postgres(params["dsn"])
+        return
     # Each run counts from zero; the sink's record of applied items goes too.
     with sqlite3.connect(params["output"]) as database:
         database.execute("DROP TABLE IF EXISTS word_counts")
@@ -62,6 +96,16 @@ def create_table(params: dict) -> None:
             "CREATE TABLE word_counts(word TEXT PRIMARY KEY, count INTEGER NOT NULL)"
         )
     database.close()
+
+
+def prepare_postgres(dsn: str) -> None:
+    """Create the tables when they are missing, and empty them for a new run."""
+    for migration in migrate_postgres(dsn, MIGRATIONS, "up"):
+        print(f"applied migration {migration.label}")
+    with connect_postgres(dsn) as connection:
+        connection.execute(
+            "TRUNCATE map_reduce.word_counts, map_reduce.monomyth_applied"
+        )
 
 
 @pipeline.source(batch_size=200)
@@ -80,18 +124,57 @@ def count(chunk):
     return dict(Counter(chunk["text"].lower().split()))
 
 
+class ChosenSink:
+    """The sink that the run parameter `sink` names, chosen in each node process."""
+
+    batched = True
+
+    def __init__(self, sinks: dict) -> None:
+        self.sinks = sinks
+        self.chosen = None
+
+    def setup(self, ctx) -> None:
+        self.chosen = self.sinks[ctx.params["sink"]]
+        self.chosen.setup(ctx)
+
+    def __call__(self, items: list, ctx) -> None:
+        self.chosen(items, ctx)
+
+    def teardown(self, ctx) -> None:
+        if self.chosen is not None:
+            self.chosen.teardown(ctx)
+
+
 pipeline.add(
     "sink",
     "store",
-    SQLiteSink(
-        path=param("output"),
-        statement=(
-            "INSERT INTO word_counts(word, count) VALUES (?, ?) "
-            "ON CONFLICT(word) DO UPDATE SET count = count + excluded.count"
-        ),
-        rows=lambda counts: counts.items(),
-        # Skips a chunk's counts that were applied before a crash redelivered it.
-        dedupe=True,
+    ChosenSink(
+        {
+            "sqlite": SQLiteSink(
+                path=param("output"),
+                statement=(
+                    "INSERT INTO word_counts(word, count) VALUES (?, ?) "
+                    "ON CONFLICT(word) DO UPDATE SET count = count + excluded.count"
+                ),
+                rows=lambda counts: counts.items(),
+                # Skips a chunk's counts applied before a crash redelivered it.
+                dedupe=True,
+            ),
+            # NOTE: PostgreSQL text cannot contain the NUL character, so a
+            # chunk with a NUL in a word fails and goes to the fail queue.
+            "postgres": PostgresSink(
+                dsn=param("dsn"),
+                statement=(
+                    "INSERT INTO map_reduce.word_counts (word, word_count) "
+                    "VALUES (%s, %s) ON CONFLICT (word) DO UPDATE SET "
+                    "word_count = map_reduce.word_counts.word_count "
+                    "+ EXCLUDED.word_count"
+                ),
+                rows=lambda counts: counts.items(),
+                dedupe=True,
+                dedupe_table="map_reduce.monomyth_applied",
+            ),
+        }
     ),
     after="count",
     batch_size=200,
@@ -100,12 +183,24 @@ pipeline.add(
 
 @pipeline.on_complete
 def print_top_words(params: dict) -> None:
-    with sqlite3.connect(params["output"]) as database:
-        rows = database.execute(
-            "SELECT word, count FROM word_counts ORDER BY count DESC, word LIMIT 10"
-        ).fetchall()
-        total = database.execute("SELECT COUNT(*) FROM word_counts").fetchone()[0]
-    database.close()
-    print(f"{total} distinct words in {params['output']}; the ten most frequent:")
+    if params["sink"] == "postgres":
+        place = "PostgreSQL table map_reduce.word_counts"
+        with connect_postgres(params["dsn"]) as connection:
+            rows = connection.execute(
+                "SELECT word, word_count FROM map_reduce.word_counts "
+                "ORDER BY word_count DESC, word LIMIT 10"
+            ).fetchall()
+            total = connection.execute(
+                "SELECT count(*) FROM map_reduce.word_counts"
+            ).fetchone()[0]
+    else:
+        place = params["output"]
+        with sqlite3.connect(params["output"]) as database:
+            rows = database.execute(
+                "SELECT word, count FROM word_counts ORDER BY count DESC, word LIMIT 10"
+            ).fetchall()
+            total = database.execute("SELECT COUNT(*) FROM word_counts").fetchone()[0]
+        database.close()
+    print(f"{total} distinct words in {place}; the ten most frequent:")
     for word, number in rows:
         print(f"  {number:>10}  {word}")

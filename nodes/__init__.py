@@ -13,6 +13,17 @@ from nodes.files import (
     read_text_chunks,
     text_size_bytes,
 )
+from nodes.postgres import (
+    Migration,
+    MigrationError,
+    PostgresSink,
+    connect_postgres,
+    find_migrations,
+    migrate_postgres,
+    migration_status,
+    read_postgres,
+    redact_dsn,
+)
 from nodes.sqlite import SQLiteSink, read_sqlite
 
 __all__ = [
@@ -29,4 +40,14 @@ __all__ = [
     # SQLite
     "SQLiteSink",
     "read_sqlite",
+    # PostgreSQL
+    "PostgresSink",
+    "read_postgres",
+    "connect_postgres",
+    "redact_dsn",
+    "Migration",
+    "MigrationError",
+    "find_migrations",
+    "migrate_postgres",
+    "migration_status",
 ]
