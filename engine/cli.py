@@ -21,6 +21,8 @@ from pathlib import Path
 
 import click
 
+from engine.commands import CONTROL_COMMANDS
+from engine.failqueue import fail_queue
 from engine.errors import EngineError, ParameterError
 from engine.logs import LOG_LEVELS, configure_logging
 
@@ -69,6 +71,19 @@ def _parse_address(value: str, option: str) -> tuple[str, int]:
             param_hint=option,
         )
     return host, int(port)
+
+
+def _parse_api_address(value: str) -> tuple[str, int] | None:
+    if value.strip().lower() == "off":
+        return None
+    host, separator, port = value.rpartition(":")
+    if not separator or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise click.BadParameter(
+            f"invalid address {value!r}: expected HOST:PORT, for example "
+            "127.0.0.1:7601 (port 0 picks a free port), or off",
+            param_hint="--api",
+        )
+    return host.strip("[]"), int(port)
 
 
 def _read_secret(secret_file: Path | None) -> bytes | None:
@@ -316,6 +331,15 @@ def worker(
     show_default=True,
     help="Seconds of silence after which a worker is declared lost.",
 )
+@click.option(
+    "--api",
+    "api_address",
+    default="127.0.0.1:7601",
+    show_default=True,
+    metavar="HOST:PORT|off",
+    help="Address that the HTTP control API listens on (port 0 picks a free "
+    "port), or off for no API. Beyond loopback it needs the cluster secret.",
+)
 def master(
     pipeline_files: tuple[Path, ...],
     bind: str,
@@ -325,11 +349,13 @@ def master(
     exit_when_done: bool,
     min_workers: int,
     worker_timeout: float,
+    api_address: str,
 ) -> None:
     """Run the master: load PIPELINE_FILES and start their nodes on workers."""
     from engine.cluster import serve_master
 
     host, port = _parse_address(bind, "--bind")
+    api = _parse_api_address(api_address)
     secret = _read_secret(secret_file) if secret_file and secret_file.exists() else None
     secret = secret or _read_secret(None)
     try:
@@ -344,10 +370,16 @@ def master(
             exit_when_done,
             worker_timeout,
             min_workers,
+            api,
         )
     except ParameterError as exc:
         raise click.UsageError(str(exc)) from exc
     click.get_current_context().exit(code)
+
+
+cli.add_command(fail_queue)
+for _command in CONTROL_COMMANDS:
+    cli.add_command(_command)
 
 
 def main(args: list[str] | None = None) -> None:

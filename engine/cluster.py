@@ -10,6 +10,7 @@ import signal
 import threading
 from pathlib import Path
 
+from engine.api import ControlAPI
 from engine.errors import EngineError
 from engine.loader import load_pipeline
 from engine.master import Master, TypeState
@@ -67,9 +68,12 @@ def serve_master(
     exit_when_done: bool,
     worker_timeout_s: float,
     min_workers: int = 1,
+    api_address: tuple[str, int] | None = None,
 ) -> int:
     """Run a master until SIGINT or SIGTERM, or until its pipelines finish.
 
+    With `api_address`, the control API listens there too, and its
+    discovery files are written to `.monomyth/` in the current folder.
     Returns the exit code: 0, or 4 when a node type of a pipeline failed.
     """
     pipelines = []
@@ -78,10 +82,25 @@ def serve_master(
         pipeline.check()
         pipelines.append((pipeline, pipeline.resolve_params(_own(pipeline, overrides))))
     key = ensure_secret(host, secret, secret_file)
+    if api_address is not None and secret is None and not is_loopback(api_address[0]):
+        raise EngineError(
+            f"missing cluster secret for a control API bound to {api_address[0]}: "
+            "pass --secret-file PATH or set $MONOMYTH_SECRET, and send it as the "
+            "bearer token of POST requests; or bind the API to 127.0.0.1"
+        )
     master = Master(
         key, stream_url, host=host, port=port, worker_timeout_s=worker_timeout_s
     )
     master.start()
+    control: ControlAPI | None = None
+    if api_address is not None:
+        control = ControlAPI(master, *api_address, key, stream_url)
+        try:
+            control.start()
+        except EngineError:
+            master.close()
+            raise
+        control.write_discovery([pipeline.name for pipeline, _ in pipelines])
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -93,14 +112,20 @@ def serve_master(
         for number in (signal.SIGINT, signal.SIGTERM)
     }
     try:
+        for pipeline, params in pipelines:
+            master.add_pipeline(pipeline, params)
         if min_workers and pipelines:
             logger.info("waiting for %d workers to join", min_workers)
             if not master.wait_workers(min_workers, stop):
                 return 0
         for pipeline, params in pipelines:
+            # Workers that kept running while the master was away report
+            # their nodes on joining: carry on with those instead of anew.
+            if master.has_nodes(pipeline.name):
+                master.resume_pipeline(pipeline.name)
+                continue
             for hook in pipeline.start_hooks:
                 hook(params)
-            master.add_pipeline(pipeline, params)
             master.start_pipeline(pipeline.name)
         names = [pipeline.name for pipeline, _ in pipelines]
         while not stop.wait(0.5):
@@ -116,6 +141,8 @@ def serve_master(
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        if control is not None:
+            control.close()
         master.close()
     return 4 if failed else 0
 

@@ -159,6 +159,8 @@ class Master:
         self.is_closed = False
         # Set once every worker was told to shut down: nothing moves any more.
         self.is_stopping = False
+        # Nodes an operator stopped: never started again elsewhere.
+        self.stop_requested_ids: set[str] = set()
         self.threads: list[threading.Thread] = []
 
     @property
@@ -241,6 +243,34 @@ class Master:
             for node_type in self.pipelines[name]:
                 record = self.types[node_type]
                 node_ids += self.start_nodes(node_type, record.processes)
+            return node_ids
+
+    def has_nodes(self, name: str) -> bool:
+        """Return True when workers reported nodes of pipeline `name` already."""
+        with self.lock:
+            return any(self.types[t].nodes for t in self.pipelines[name])
+
+    def resume_pipeline(self, name: str) -> list[str]:
+        """Start only the processes that pipeline `name` lacks after a restart.
+
+        Types whose nodes completed are left alone; for the others, as many
+        nodes start as the declared process count exceeds the live ones.
+        """
+        live = (NodeState.QUEUED, NodeState.RUNNING, NodeState.RESTARTING)
+        with self.lock:
+            node_ids = []
+            for node_type in self.pipelines[name]:
+                record = self.types[node_type]
+                if record.is_done or record.count(NodeState.COMPLETED):
+                    continue
+                running = sum(1 for n in record.nodes.values() if n.state in live)
+                if running < record.processes:
+                    node_ids += self.start_nodes(node_type, record.processes - running)
+            logger.info(
+                "pipeline %s resumed with the workers' nodes; %d nodes started",
+                name,
+                len(node_ids),
+            )
             return node_ids
 
     def start_nodes(self, node_type: str, count: int = 1) -> list[str]:
@@ -406,7 +436,7 @@ class Master:
             or worker_id in self.workers
             and (self.workers[worker_id].connection is not None)
         ):
-            worker_id = f"worker-{next(self.worker_numbers)}"
+            worker_id = self._new_worker_id()
         is_rejoin = worker_id in self.workers
         worker = WorkerRecord(
             worker_id=worker_id,
@@ -433,9 +463,19 @@ class Master:
             ready.cores,
         )
         self._adopt_nodes(worker, ready.nodes)
+        # A worker that joins late still learns which types are completing.
+        for record in self.types.values():
+            if record.state == TypeState.COMPLETING:
+                self._send(worker, mmop.CompleteType(node_type=record.node_type))
         self._place_queued()
         self.changed.notify_all()
         return worker
+
+    def _new_worker_id(self) -> str:
+        while True:
+            worker_id = f"worker-{next(self.worker_numbers)}"
+            if worker_id not in self.workers:
+                return worker_id
 
     def _adopt_nodes(self, worker: WorkerRecord, reports: list) -> None:
         """Count the nodes a reconnecting worker runs, rebuilding lost state."""
@@ -464,8 +504,20 @@ class Master:
                 continue
             node.worker_id = worker.worker_id
             self._apply_report(node, report)
+            _, _, number = node.node_id.rpartition("#")
+            if number.isdigit():
+                record.next_number = max(record.next_number, int(number) + 1)
             if record.state == TypeState.PENDING:
                 record.state = TypeState.RUNNING
+        if reports:
+            self._reconcile()
+
+    def _reconcile(self) -> None:
+        """Bring type states in line with adopted nodes, and cascade completion."""
+        for record in self.types.values():
+            self._update_type(record)
+        for record in self.types.values():
+            self._complete_if_ready(record)
 
     def _on_worker_disconnected(
         self, worker: WorkerRecord, connection: mmop.Connection
@@ -565,6 +617,8 @@ class Master:
             }.get(report.get("state"), node.state)
         if node.state not in (NodeState.COMPLETED, NodeState.FAILED):
             node.state = state
+        if report.get("last_error"):
+            node.last_error = str(report["last_error"])
 
     def _find_node(self, node_id: str) -> NodeRecord | None:
         node_type, _, _ = node_id.rpartition("#")
@@ -693,6 +747,8 @@ class Master:
             if record.is_done:
                 continue
             for node in record.nodes.values():
+                if node.node_id in self.stop_requested_ids:
+                    continue
                 if node.worker_id == worker.worker_id and node.state in (
                     NodeState.QUEUED,
                     NodeState.RUNNING,
@@ -816,9 +872,9 @@ class Master:
 
     def _stop_requested_ids(self) -> set[str]:
         """Return the ids of nodes sent STOP-NODE that may still be draining."""
-        # Created on first use; a node leaves the live states when its
-        # NODE-STOPPED arrives, and `active_node_ids` checks the state first.
-        return self.__dict__.setdefault("stop_requested_ids", set())
+        # Ids stay after NODE-STOPPED arrives, which is harmless because
+        # `active_node_ids` checks the node's state first.
+        return self.stop_requested_ids
 
     def active_node_ids(self, node_type: str) -> list[str]:
         """Return the ids of the live nodes of `node_type` not asked to stop.
@@ -847,8 +903,9 @@ class Master:
         A node placed on a worker gets STOP-NODE: it finishes its batch and
         exits, and counts as stopped once its worker reports NODE-STOPPED. A
         node still queued for want of a worker is stopped at once. Returns
-        the ids of the nodes asked to stop, newest first; fewer than `count`
-        when fewer are live. Raises `EngineError` for an unknown node type.
+        the ids of the nodes asked to stop, newest first, which are fewer
+        than `count` when fewer are live. Raises `EngineError` for an unknown
+        node type.
 
         Limits: stopping every node of a type leaves the type running, so
         the types downstream of it never complete.
@@ -874,7 +931,8 @@ class Master:
         """Start or stop nodes of `node_type` until `count` of them are live.
 
         Nodes already asked to stop do not count. Returns the ids of the
-        nodes started and of those asked to stop; one of the two is empty.
+        nodes started and of those asked to stop, and one of the two lists
+        is empty.
         Raises `EngineError` for an unknown node type, and for a type that
         has completed or failed when nodes would have to start.
         """

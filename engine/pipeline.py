@@ -49,9 +49,11 @@ class NodeSettings:
     # Seconds to wait for a batch to fill before processing what has arrived.
     batch_timeout_s: float = 0.1
     processes: int = 1
-    # Extra attempts for an item whose processing raised, before the fail queue.
-    retries: int = 0
-    retry_backoff_s: float = 1.0
+    # Extra attempts for an item whose processing raised or killed the node
+    # process, before the item goes to the fail queue.
+    retries: int = 2
+    # Delay before the first retry, doubled for each further one.
+    retry_backoff_s: float = 0.5
     # Supervision: more than `max_restarts` restarts within
     # `restart_window_s` seconds and the worker gives up on the process.
     max_restarts: int = 5

@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -58,6 +58,14 @@ logger = logging.getLogger(__name__)
 ITEMS_IN, ITEMS_OUT, FAILURES, RETRIES, BATCHES = range(5)
 COUNTER_NAMES = ("items_in", "items_out", "failures", "retries", "batches")
 
+# Size of the shared memory that holds the id of the item in flight.
+IN_FLIGHT_BYTES = 256
+
+
+class NodeProcessDiedError(EngineError):
+    """A node process died while processing an item, more often than retries allow."""
+
+
 # How long an idle transform waits between checks of its stop and complete flags.
 IDLE_PULL_TIMEOUT_S = 0.2
 
@@ -74,6 +82,11 @@ class NodeLaunch:
     process_count: int
     log_level: str = "info"
     log_format: str = "text"
+    # How often, per item id, a process of this node died while processing
+    # the item: the worker counts it, a new process gets the counts.
+    crash_counts: dict[str, int] = field(default_factory=dict)
+    # Signal or exit code of the last such death, for the fail record.
+    last_crash: str = ""
 
 
 def counters_to_stats(counters: Sequence[int]) -> dict[str, int]:
@@ -86,6 +99,7 @@ def node_main(
     status: Connection,
     complete: Event,
     counters: Any,
+    in_flight: Any,
 ) -> None:
     """Run one node until it completes, is stopped, or fails; the process entry."""
     configure_logging(launch.log_level, launch.log_format)  # type: ignore[arg-type]
@@ -101,7 +115,7 @@ def node_main(
         status.send(("recipe-failed", str(exc)))
         os._exit(3)
 
-    runner = NodeRunner(launch, recipe, status, complete, counters)
+    runner = NodeRunner(launch, recipe, status, complete, counters, in_flight)
     signal.signal(signal.SIGTERM, runner.request_stop)
     try:
         outcome = runner.run()
@@ -169,8 +183,12 @@ class NodeRunner:
         status: Connection,
         complete: Event,
         counters: Any,
+        in_flight: Any = None,
     ) -> None:
         self.launch = launch
+        # Shared memory with the id of the item being processed, so that the
+        # worker knows which item was in flight if this process dies.
+        self.in_flight = in_flight
         self.recipe = recipe
         self.spec = recipe.spec
         self.status = status
@@ -339,11 +357,21 @@ class NodeRunner:
 
         self.counters[ITEMS_IN] += len(deliveries)
         self.lease_keeper.deliveries = deliveries
-        if self.spec.is_batched:
+        # A redelivered batch may hold the item that killed the last process:
+        # take it one item at a time, so that a death names its item.
+        is_suspect = any(delivery.is_redelivered for delivery in deliveries)
+        if self.spec.is_batched and not is_suspect:
             self._call_batched(envelopes, batch)
         else:
             for delivery, envelope in envelopes:
-                self._call_one(delivery, envelope, batch)
+                if self._has_crashed_too_often(delivery, envelope, batch):
+                    continue
+                self._mark_in_flight(envelope.get("id", ""))
+                if self.spec.is_batched:
+                    self._call_batched([(delivery, envelope)], batch)
+                else:
+                    self._call_one(delivery, envelope, batch)
+            self._mark_in_flight("")
 
         self._publish(batch)
         # Ack only after publishing: a crash in between redelivers the batch.
@@ -356,6 +384,27 @@ class NodeRunner:
             batch.results,
             batch.failures,
         )
+
+    def _mark_in_flight(self, item_id: str) -> None:
+        if self.in_flight is not None:
+            self.in_flight.value = item_id.encode()[: IN_FLIGHT_BYTES - 1]
+
+    def _has_crashed_too_often(
+        self, delivery: Delivery, envelope: dict[str, Any], batch: _Batch
+    ) -> bool:
+        """Send an item that killed its process too often to the fail queue."""
+        crashes = self.launch.crash_counts.get(envelope.get("id", ""), 0)
+        if crashes <= self.spec.settings.retries:
+            return False
+        times = "once" if crashes == 1 else f"{crashes} times"
+        error = NodeProcessDiedError(
+            f"the node process died {times} while processing this item "
+            f"(last: {self.launch.last_crash or 'unknown'}); it is not retried"
+        )
+        record = dict(envelope)
+        record["attempt"] = max(int(envelope.get("attempt", 1)), crashes)
+        self._fail(record, delivery, error, batch, retry=False)
+        return True
 
     def _call_one(
         self, delivery: Delivery, envelope: dict[str, Any], batch: _Batch

@@ -42,7 +42,12 @@ import psutil
 from engine import protocol as mmop
 from engine.errors import EngineError, ProtocolError, RecipeError
 from engine.recipe import RecipeHeader, read_header
-from engine.runtime import NodeLaunch, counters_to_stats, node_main
+from engine.runtime import (
+    IN_FLIGHT_BYTES,
+    NodeLaunch,
+    counters_to_stats,
+    node_main,
+)
 from engine.streams import open_stream
 
 logger = logging.getLogger(__name__)
@@ -76,9 +81,11 @@ class ManagedNode:
     recipe: bytes
     header: RecipeHeader
     process_index: int
-    # Survive restarts: the completion flag and the counters in shared memory.
+    # Survive restarts: the completion flag, the counters and the id of the
+    # item in flight, in memory shared with the node process.
     complete: Any
     counters: Any
+    in_flight: Any
     state: NodeState = NodeState.STARTING
     process: Any = None
     status: Any = None
@@ -88,6 +95,7 @@ class ManagedNode:
     restart_at: float | None = None
     restarts: int = 0
     last_error: str = ""
+    last_crash: str = ""
     is_stop_requested: bool = False
 
     @property
@@ -126,6 +134,8 @@ class Worker:
         self.heartbeat_interval_s = 1.0
         self.nodes: dict[str, ManagedNode] = {}
         self.completing_types: set[str] = set()
+        # Per node type, how often a process died with each item id in flight.
+        self.crash_counts: dict[str, dict[str, int]] = {}
         self.connection: mmop.Connection | None = None
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.outbox: deque[mmop.Message] = deque(maxlen=MAX_OUTBOX)
@@ -185,7 +195,8 @@ class Worker:
 
     def _register(self, connection: mmop.Connection) -> None:
         memory = psutil.virtual_memory().total
-        nodes = [self._node_report(node) for node in self._active_nodes()]
+        # Finished nodes too: a restarted master learns what completed.
+        nodes = [self._node_report(node) for node in self.nodes.values()]
         connection.send(
             mmop.Ready(
                 hostname=socket.gethostname(),
@@ -465,6 +476,7 @@ class Worker:
             process_index=_process_index(node_id),
             complete=self.context.Event(),
             counters=self.context.RawArray("q", 5),
+            in_flight=self.context.RawArray("c", IN_FLIGHT_BYTES),
         )
         if node_type in self.completing_types:
             node.complete.set()
@@ -484,10 +496,12 @@ class Worker:
             process_count=int(node.header.settings.get("processes", 1)),
             log_level=self.log_level,
             log_format=self.log_format,
+            crash_counts=dict(self.crash_counts.get(node.node_type, {})),
+            last_crash=node.last_crash,
         )
         process = self.context.Process(
             target=node_main,
-            args=(launch, writer, node.complete, node.counters),
+            args=(launch, writer, node.complete, node.counters, node.in_flight),
             name=f"{self.worker_id}/{node.node_id}",
         )
         process.start()
@@ -615,7 +629,25 @@ class Worker:
                 node.last_error = outcome[1]
             else:
                 node.last_error = f"node process exited ({exit_text})"
+            self._count_crash(node, exit_text)
             self._restart_or_give_up(node, process.exitcode, recovered)
+
+    def _count_crash(self, node: ManagedNode, exit_text: str) -> None:
+        """Count a death against the item that was in flight, if any."""
+        item_id = node.in_flight.value.decode("utf-8", "replace")
+        node.in_flight.value = b""
+        if not item_id:
+            return
+        counts = self.crash_counts.setdefault(node.node_type, {})
+        counts[item_id] = counts.get(item_id, 0) + 1
+        node.last_crash = exit_text
+        logger.warning(
+            "node %s died (%s) while processing item %s; deaths with this item: %d",
+            node.node_id,
+            exit_text,
+            item_id,
+            counts[item_id],
+        )
 
     def _restart_or_give_up(
         self, node: ManagedNode, exitcode: int | None, recovered: int
@@ -739,6 +771,7 @@ class Worker:
             "pid": node.pid,
             "state": node.state.value,
             "restarts": node.restarts,
+            "last_error": node.last_error,
             "cpu_percent": 0.0,
             "memory_bytes": 0,
             **self._stats(node),

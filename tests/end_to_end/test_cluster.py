@@ -20,7 +20,7 @@ from tests.end_to_end.test_wordcount import expected_counts, make_corpus, read_c
 from tests.helpers import require_service, wait_for
 
 WORDCOUNT = str(EXAMPLES / "wordcount.py")
-API_OFF: tuple[str, ...] = ()
+API_OFF = ("--api", "off")
 
 
 def free_port() -> int:
@@ -309,3 +309,47 @@ def test_worker_refused_broker_exits_clearly(tmp_path: Path, cluster) -> None:
     assert "refused the credentials" in log
     assert "wrong" not in log.replace("amqp://guest:***", "")
     assert "Traceback" not in log
+
+
+def test_master_restart_run_completes(tmp_path: Path, cluster, write_pipeline) -> None:
+    pipeline = write_pipeline(SLOW_COUNT)
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("".join(f"line{i} shared\n" for i in range(300)))
+    output = tmp_path / "counts.db"
+    master_args = (
+        str(pipeline),
+        "--stream",
+        f"sqlite:///{tmp_path}/stream.db",
+        "--exit-when-done",
+        "-p",
+        f"input={corpus}",
+        "-p",
+        f"output={output}",
+    )
+    master = cluster.start_master(*master_args)
+    cluster.start_worker("worker-a")
+    wait_for(lambda: _counted(output) > 30, timeout_s=60, what="30 lines counted")
+
+    os.killpg(master.pid, signal.SIGKILL)
+    master.wait(timeout=30)
+    counted_while_away = _counted(output)
+    # Nodes keep processing while the master is down.
+    wait_for(
+        lambda: _counted(output) > counted_while_away + 20,
+        timeout_s=60,
+        what="counting to go on without the master",
+    )
+    restarted = cluster.start_master(*master_args)
+
+    assert restarted.wait(timeout=120) == 0, cluster.output()
+    log = cluster.output()
+    assert "reconnecting" in log
+    assert "resumed" in log
+    with sqlite3.connect(output) as connection:
+        counts = Counter(
+            dict(connection.execute("SELECT word, count FROM word_counts"))
+        )
+    connection.close()
+    for i in range(300):
+        assert counts[f"line{i}"] >= 1, f"line{i} was never counted"
+    assert counts["shared"] >= 300

@@ -112,7 +112,7 @@ def numbers():
     yield from range(20)
 
 
-@pipeline.transform(after="numbers")
+@pipeline.transform(after="numbers", retries=0)
 def invert(number):
     if number % 5 == 0:
         raise ValueError(f"cannot invert {number}")
@@ -450,3 +450,95 @@ def test_restart_budget_spent_fails_node(tmp_path, write_pipeline) -> None:
     assert "giving up" in output
     assert "last error: RuntimeError: cannot open the device" in result.stdout
     assert re.search(r"use\s+failed", result.stdout)
+
+
+POISON = """
+import os
+import signal
+
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("poison", params={"output": "out.jsonl"})
+
+
+@pipeline.source()
+def numbers():
+    yield from range(50)
+
+
+@pipeline.transform(after="numbers", batch_size=10, retries=1)
+def fragile(number):
+    if number == 13:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return number
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="fragile")
+"""
+
+
+def test_poison_item_ends_in_fail_queue(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(POISON)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path)
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output
+    written = sorted(int(line) for line in (tmp_path / "out.jsonl").read_text().split())
+    assert written == [n for n in range(50) if n != 13]
+    assert "while processing item numbers:13" in output
+    stream = open_stream(f"sqlite:///{tmp_path}/.monomyth/poison.db", owner="test")
+    try:
+        deliveries = stream.pull(["poison.fragile-fail"], 10, 0.5)
+    finally:
+        stream.close()
+    assert len(deliveries) == 1
+    record = json.loads(deliveries[0].body)
+    assert record["payload"] == 13
+    error = record["errors"][-1]
+    assert error["type"] == "NodeProcessDiedError"
+    assert "died 2 times" in error["message"]
+    assert "signal 9 (SIGKILL)" in error["message"]
+
+
+def test_fail_queue_commands(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(FAILING_ITEMS)
+    assert run_engine("run", str(pipeline), cwd=tmp_path).returncode == 3
+
+    listed = run_engine("fail-queue", "list", "failing.invert", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "4 failed items in failing.invert-fail" in listed.stdout
+    assert "ValueError: cannot invert 5" in listed.stdout
+    item_id = next(
+        line.split()[0] for line in listed.stdout.splitlines() if "invert 5" in line
+    )
+
+    shown = run_engine("fail-queue", "show", "failing.invert", item_id, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    record = json.loads(shown.stdout)
+    assert record["payload"] == 5
+    assert record["errors"][0]["type"] == "ValueError"
+
+    missing = run_engine("fail-queue", "show", "failing.invert", "nope", cwd=tmp_path)
+    assert missing.returncode == 1
+    assert "item 'nope' not found in failing.invert-fail" in missing.stderr
+
+    replayed = run_engine(
+        "fail-queue", "replay", "failing.invert", "--id", item_id, cwd=tmp_path
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed 1 items" in replayed.stdout
+    stream = open_stream(f"sqlite:///{tmp_path}/.monomyth/failing.db", owner="test")
+    try:
+        depths = stream.depths(["failing.invert-fail", "failing.numbers-to-invert"])
+        back = json.loads(stream.pull(["failing.numbers-to-invert"], 1, 0.5)[0].body)
+    finally:
+        stream.close()
+    assert depths == {"failing.invert-fail": 3, "failing.numbers-to-invert": 1}
+    assert back["payload"] == 5
+    assert back["attempt"] == 1
+
+    purged = run_engine("fail-queue", "purge", "failing.invert", "--yes", cwd=tmp_path)
+    assert purged.returncode == 0, purged.stderr
+    assert "purged 3 items" in purged.stdout

@@ -1,0 +1,230 @@
+"""`engine fail-queue`: list, show, replay or purge a node's failed items.
+
+A node's fail queue holds the items whose processing raised more often than
+the node's retries allow, each with its error history. Reading the queue
+puts every item back, so listing changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from engine.errors import EngineError
+from engine.streams import Delivery, Stream, open_stream
+
+# Items read from a fail queue at a time; listing reads at most `--limit`.
+READ_BATCH = 500
+
+
+def fail_queue_name(node: str) -> str:
+    """Return the fail queue of `node`, given as `pipeline.node` or a queue name."""
+    if node.endswith("-fail"):
+        return node
+    if "." not in node:
+        raise click.BadParameter(
+            f"invalid node {node!r}: expected PIPELINE.NODE, for example "
+            "wordcount.count",
+            param_hint="NODE",
+        )
+    return f"{node}-fail"
+
+
+def default_stream(node: str) -> str:
+    """Return the stream that `engine run` uses for the pipeline of `node`."""
+    pipeline = node.split(".", 1)[0]
+    return f"sqlite:///.monomyth/{pipeline}.db"
+
+
+@contextmanager
+def _held(stream: Stream, queue: str, limit: int) -> Iterator[list[Delivery]]:
+    """Pull up to `limit` items; put back those that the caller did not ack."""
+    deliveries: list[Delivery] = []
+    while len(deliveries) < limit:
+        batch = stream.pull([queue], min(READ_BATCH, limit - len(deliveries)), 0.2)
+        if not batch:
+            break
+        deliveries.extend(batch)
+    try:
+        yield deliveries
+    finally:
+        # The caller removes from the list what it acked.
+        if deliveries:
+            stream.reject(deliveries, requeue=True)
+
+
+def _decode(delivery: Delivery) -> dict[str, Any] | None:
+    """Return a failure record, or None for one that is not JSON (pickled)."""
+    try:
+        record = json.loads(delivery.body)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _describe(delivery: Delivery) -> dict[str, Any]:
+    record = _decode(delivery)
+    if record is None:
+        return {"id": "?", "payload": repr(delivery.body[:200]), "errors": []}
+    return record
+
+
+def _summary(record: dict[str, Any]) -> str:
+    errors = record.get("errors") or [{}]
+    last = errors[-1]
+    message = str(last.get("message", "")).splitlines()[0:1]
+    return (
+        f"{record.get('id', '?')}  attempts={len(errors)}  "
+        f"{last.get('type', '?')}: {message[0] if message else ''}"
+    )
+
+
+@click.group("fail-queue")
+def fail_queue() -> None:
+    """List, show, replay or purge the failed items of a node.
+
+    NODE is PIPELINE.NODE, such as wordcount.count. Items whose pipeline uses
+    serializer='pickle' are shown as stored bytes.
+    """
+
+
+_stream_option = click.option(
+    "--stream",
+    "stream_url",
+    metavar="URL",
+    help="Data stream URL; default: the one engine run uses, "
+    "sqlite:///.monomyth/<pipeline>.db in the current folder.",
+)
+
+
+def _open(node: str, stream_url: str | None) -> tuple[Stream, str]:
+    queue = fail_queue_name(node)
+    stream = open_stream(stream_url or default_stream(node), owner="engine-fail-queue")
+    return stream, queue
+
+
+@fail_queue.command("list")
+@click.argument("node")
+@_stream_option
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Most items to list.",
+)
+def list_items(node: str, stream_url: str | None, limit: int) -> None:
+    """List the failed items of NODE: id, attempts and last error."""
+    stream, queue = _open(node, stream_url)
+    try:
+        total = stream.depth(queue)
+        with _held(stream, queue, limit) as deliveries:
+            for delivery in deliveries:
+                click.echo(_summary(_describe(delivery)))
+        click.echo(f"{total} failed items in {queue}")
+    finally:
+        stream.close()
+
+
+@fail_queue.command()
+@click.argument("node")
+@click.argument("item_id")
+@_stream_option
+def show(node: str, item_id: str, stream_url: str | None) -> None:
+    """Show one failed item of NODE as JSON, with its whole error history."""
+    stream, queue = _open(node, stream_url)
+    try:
+        with _held(stream, queue, stream.depth(queue)) as deliveries:
+            for delivery in deliveries:
+                record = _describe(delivery)
+                if record.get("id") == item_id:
+                    click.echo(json.dumps(record, indent=2, ensure_ascii=False))
+                    return
+        raise EngineError(
+            f"item {item_id!r} not found in {queue}; list the ids with "
+            f"engine fail-queue list {node}"
+        )
+    finally:
+        stream.close()
+
+
+@fail_queue.command()
+@click.argument("node")
+@click.option(
+    "--id",
+    "item_ids",
+    multiple=True,
+    metavar="ID",
+    help="Replay only this item; repeat for several. Default: every item.",
+)
+@_stream_option
+def replay(node: str, item_ids: tuple[str, ...], stream_url: str | None) -> None:
+    """Put failed items of NODE back on the queue they failed from.
+
+    A replayed item starts again at attempt 1 and keeps its error history.
+    The pipeline must be running (or run again) to process them.
+    """
+    stream, queue = _open(node, stream_url)
+    try:
+        with _held(stream, queue, stream.depth(queue)) as deliveries:
+            chosen = []
+            for delivery in deliveries:
+                record = _decode(delivery)
+                if record is None:
+                    click.echo(
+                        "skipped an item that is not JSON: replay supports "
+                        "pipelines with the default serializer only",
+                        err=True,
+                    )
+                    continue
+                if item_ids and record.get("id") not in item_ids:
+                    continue
+                if not record.get("queue"):
+                    click.echo(
+                        f"skipped {record.get('id')}: it failed in a source, which "
+                        "has no input queue to replay to",
+                        err=True,
+                    )
+                    continue
+                chosen.append((delivery, record))
+            messages = []
+            for _, record in chosen:
+                target = record.pop("queue")
+                record["attempt"] = 1
+                messages.append((target, json.dumps(record).encode()))
+            if messages:
+                stream.publish(messages)
+                # Ack only after the replayed items are stored on their queues.
+                stream.ack([delivery for delivery, _ in chosen])
+                for delivery, _ in chosen:
+                    deliveries.remove(delivery)
+        click.echo(f"replayed {len(messages)} items from {queue}")
+    finally:
+        stream.close()
+
+
+@fail_queue.command()
+@click.argument("node")
+@_stream_option
+@click.option("--yes", is_flag=True, help="Purge without asking for confirmation.")
+def purge(node: str, stream_url: str | None, yes: bool) -> None:
+    """Delete every failed item of NODE for good."""
+    stream, queue = _open(node, stream_url)
+    try:
+        depth = stream.depth(queue)
+        if not yes:
+            click.confirm(f"delete {depth} failed items from {queue}?", abort=True)
+        purged = 0
+        while True:
+            batch = stream.pull([queue], READ_BATCH, 0.2)
+            if not batch:
+                break
+            stream.ack(batch)
+            purged += len(batch)
+        click.echo(f"purged {purged} items from {queue}")
+    finally:
+        stream.close()
