@@ -353,3 +353,90 @@ def test_master_restart_run_completes(tmp_path: Path, cluster, write_pipeline) -
     for i in range(300):
         assert counts[f"line{i}"] >= 1, f"line{i} was never counted"
     assert counts["shared"] >= 300
+
+
+def test_returning_lost_worker_stops_copies(
+    tmp_path: Path, cluster, write_pipeline
+) -> None:
+    pipeline = write_pipeline(SLOW_COUNT)
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("".join(f"line{i} shared\n" for i in range(300)))
+    output = tmp_path / "counts.db"
+    master = cluster.start_master(
+        str(pipeline),
+        "--stream",
+        f"sqlite:///{tmp_path}/stream.db",
+        "--exit-when-done",
+        "--workers",
+        "2",
+        "--worker-timeout",
+        "2",
+        "-p",
+        f"input={corpus}",
+        "-p",
+        f"output={output}",
+    )
+    first = cluster.start_worker("worker-a")
+    wait_for(
+        lambda: "worker worker-1 joined" in cluster.output(),
+        timeout_s=30,
+        what="the first worker to join",
+    )
+    cluster.start_worker("worker-b")
+    wait_for(lambda: _counted(output) > 20, timeout_s=60, what="20 lines counted")
+
+    # A paused worker sends no heartbeat: the master declares it lost.
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        wait_for(
+            lambda: "worker worker-1 lost" in cluster.output(),
+            timeout_s=30,
+            what="the paused worker to be declared lost",
+        )
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+
+    assert master.wait(timeout=120) == 0, cluster.output()
+    log = cluster.output()
+    assert "rejoined" in log
+    assert "stopping it there" in log
+    with sqlite3.connect(output) as connection:
+        counts = Counter(
+            dict(connection.execute("SELECT word, count FROM word_counts"))
+        )
+    connection.close()
+    for i in range(300):
+        assert counts[f"line{i}"] >= 1, f"line{i} was never counted"
+
+
+def test_killed_worker_leaves_no_nodes(tmp_path: Path, cluster, write_pipeline) -> None:
+    pipeline = write_pipeline(SLOW_COUNT)
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("".join(f"line{i} shared\n" for i in range(2000)))
+    cluster.start_master(
+        str(pipeline),
+        "--stream",
+        f"sqlite:///{tmp_path}/stream.db",
+        "--worker-timeout",
+        "2",
+        "-p",
+        f"input={corpus}",
+        "-p",
+        f"output={tmp_path / 'counts.db'}",
+    )
+    worker = cluster.start_worker("worker-a")
+    parent = psutil.Process(worker.pid)
+    wait_for(
+        lambda: len(parent.children()) >= 4,
+        timeout_s=60,
+        what="the worker's node processes",
+    )
+    nodes = parent.children()
+
+    # Only the worker: its nodes must notice and exit on their own.
+    os.kill(worker.pid, signal.SIGKILL)
+
+    def nodes_gone() -> bool:
+        return not any(p.is_running() and p.status() != "zombie" for p in nodes)
+
+    wait_for(nodes_gone, timeout_s=30, what="the orphaned node processes to exit")
