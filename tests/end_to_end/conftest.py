@@ -10,8 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import POSTGRES_DSN, require_service
+
 REPOSITORY = Path(__file__).resolve().parents[2]
 EXAMPLES = REPOSITORY / "examples"
+MIGRATIONS = EXAMPLES / "migrations"
+# Key of the advisory lock that serializes the tests using schema map_reduce.
+MAP_REDUCE_LOCK = 0x6D6D_6D61_7072_6564
+# Longer than any one test using the schema takes, and shorter than
+# pytest-timeout, so a test stuck behind a lost lock holder fails clearly.
+LOCK_TIMEOUT = "100s"
 
 
 def engine_command() -> str:
@@ -52,3 +60,26 @@ def write_pipeline(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture
+def map_reduce_lock():
+    """Hold the map_reduce lock, with the migrations reverted at both ends.
+
+    The word-count example writes to the fixed schema `map_reduce`, so every
+    test that touches it holds one PostgreSQL advisory lock for its whole run.
+    """
+    require_service("PostgreSQL", 5432)
+    import psycopg
+
+    from nodes.postgres import migrate_postgres
+
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as connection:
+        connection.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+        connection.execute("SELECT pg_advisory_lock(%s)", (MAP_REDUCE_LOCK,))
+        try:
+            migrate_postgres(POSTGRES_DSN, MIGRATIONS, "down")
+            yield connection
+        finally:
+            migrate_postgres(POSTGRES_DSN, MIGRATIONS, "down")
+            connection.execute("SELECT pg_advisory_unlock(%s)", (MAP_REDUCE_LOCK,))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import sqlite3
 import subprocess
+import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -17,7 +19,10 @@ import pytest
 
 from tests.end_to_end.conftest import EXAMPLES, engine_command, run_engine
 from tests.end_to_end.test_wordcount import expected_counts, make_corpus, read_counts
-from tests.helpers import require_service, wait_for
+from tests.end_to_end.test_wordcount_postgres import (
+    read_counts as read_postgres_counts,
+)
+from tests.helpers import POSTGRES_DSN, require_service, wait_for
 
 WORDCOUNT = str(EXAMPLES / "wordcount.py")
 API_OFF = ("--api", "off")
@@ -440,3 +445,57 @@ def test_killed_worker_leaves_no_nodes(tmp_path: Path, cluster, write_pipeline) 
         return not any(p.is_running() and p.status() != "zombie" for p in nodes)
 
     wait_for(nodes_gone, timeout_s=30, what="the orphaned node processes to exit")
+
+
+def test_cluster_wordcount_into_postgres(
+    tmp_path: Path, cluster, vhost, map_reduce_lock
+) -> None:
+    paths = make_corpus(tmp_path / "corpus", seed=23)
+    api_port = free_port()
+    master = cluster.start(
+        "master",
+        WORDCOUNT,
+        "--bind",
+        f"127.0.0.1:{cluster.port}",
+        "--secret-file",
+        str(cluster.secret_file),
+        "--api",
+        f"127.0.0.1:{api_port}",
+        "--stream",
+        amqp_url(vhost),
+        "--exit-when-done",
+        "--workers",
+        "2",
+        "-p",
+        f"input={tmp_path / 'corpus'}",
+        "-p",
+        "sink=postgres",
+        "-p",
+        f"dsn={POSTGRES_DSN}",
+        name="master",
+    )
+    cluster.start_worker("worker-a")
+    cluster.start_worker("worker-b")
+
+    def count_nodes_by_worker() -> dict[str, int] | None:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{api_port}/worker-info", timeout=5
+            ) as reply:
+                workers = json.load(reply)["workers"]
+        except OSError:
+            return None
+        spread = {
+            worker_id: len(info["nodes"].get("wordcount.count", []))
+            for worker_id, info in workers.items()
+        }
+        return spread if sum(spread.values()) == 2 else None
+
+    spread = wait_for(
+        count_nodes_by_worker, timeout_s=60, what="both count nodes placed"
+    )
+
+    assert master.wait(timeout=120) == 0, cluster.output()
+    # Fewest of the type first: one count node on each worker.
+    assert sorted(spread.values()) == [1, 1]
+    assert read_postgres_counts(map_reduce_lock) == expected_counts(paths)

@@ -14,14 +14,11 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import psycopg
-import pytest
 
-from nodes.postgres import migrate_postgres
 from tests.end_to_end.conftest import EXAMPLES, REPOSITORY, run_engine
 from tests.end_to_end.test_wordcount import expected_counts, make_corpus
 from tests.helpers import POSTGRES_DSN, require_service
@@ -29,27 +26,7 @@ from tests.helpers import POSTGRES_DSN, require_service
 WORDCOUNT = str(EXAMPLES / "wordcount.py")
 MIGRATIONS = EXAMPLES / "migrations"
 MIGRATE_SCRIPT = REPOSITORY / "scripts" / "migrate.py"
-# Key of the advisory lock that serializes the tests using schema map_reduce.
-MAP_REDUCE_LOCK = 0x6D6D_6D61_7072_6564
-# Longer than any one test here takes, and shorter than pytest-timeout, so a
-# test stuck behind a lost lock holder fails with a lock timeout.
-LOCK_TIMEOUT = "100s"
 SECRET_PASSWORD = "s3cret-Pa55"
-
-
-@pytest.fixture
-def map_reduce_lock() -> Iterator[psycopg.Connection]:
-    """Hold the map_reduce lock, with the migrations reverted at both ends."""
-    require_service("PostgreSQL", 5432)
-    with psycopg.connect(POSTGRES_DSN, autocommit=True) as connection:
-        connection.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
-        connection.execute("SELECT pg_advisory_lock(%s)", (MAP_REDUCE_LOCK,))
-        try:
-            migrate_postgres(POSTGRES_DSN, MIGRATIONS, "down")
-            yield connection
-        finally:
-            migrate_postgres(POSTGRES_DSN, MIGRATIONS, "down")
-            connection.execute("SELECT pg_advisory_unlock(%s)", (MAP_REDUCE_LOCK,))
 
 
 def read_counts(connection: psycopg.Connection) -> Counter:
