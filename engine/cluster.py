@@ -14,6 +14,7 @@ from engine.api import ControlAPI
 from engine.errors import EngineError
 from engine.loader import load_pipeline
 from engine.master import Master, TypeState
+from engine.run import run_hook
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def serve_master(
                 master.resume_pipeline(pipeline.name)
                 continue
             for hook in pipeline.start_hooks:
-                hook(params)
+                run_hook(hook, params, "on_start", pipeline.name)
             master.start_pipeline(pipeline.name)
         names = [pipeline.name for pipeline, _ in pipelines]
         while not stop.wait(0.5):
@@ -133,11 +134,17 @@ def serve_master(
                 logger.info("every pipeline finished; stopping workers")
                 break
         master.shutdown_workers(drain_timeout_s=60.0)
+        stats = master.type_stats()
         failed = [
             node_type
-            for node_type, entry in master.type_stats().items()
+            for node_type, entry in stats.items()
             if entry["state"] == TypeState.FAILED.value
         ]
+        for pipeline, params in pipelines:
+            states = {stats[t]["state"] for t in master.pipelines[pipeline.name]}
+            if states == {TypeState.COMPLETED.value}:
+                for hook in pipeline.completion_hooks:
+                    run_hook(hook, params, "on_complete", pipeline.name)
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)

@@ -96,7 +96,7 @@ class LocalRun:
         try:
             self._prepare_queues(stream)
             for hook in self.pipeline.start_hooks:
-                _run_hook(hook, self.params, "on_start", self.pipeline.name)
+                run_hook(hook, self.params, "on_start", self.pipeline.name)
             started = time.monotonic()
             secret = secrets.token_hex(32)
             self.master = Master(secret.encode(), self.stream_url)
@@ -266,7 +266,7 @@ class LocalRun:
         )
         if outcome == "completed":
             for hook in self.pipeline.completion_hooks:
-                _run_hook(hook, self.params, "on_complete", self.pipeline.name)
+                run_hook(hook, self.params, "on_complete", self.pipeline.name)
         return RunOutcome(
             status=outcome,
             has_node_failures=has_node_failures,
@@ -275,7 +275,8 @@ class LocalRun:
         )
 
 
-def _run_hook(hook: Any, params: dict[str, Any], kind: str, pipeline: str) -> None:
+def run_hook(hook: Any, params: dict[str, Any], kind: str, pipeline: str) -> None:
+    """Run a start or completion hook; raises `EngineError` naming it if it fails."""
     try:
         hook(params)
     except EngineError:
