@@ -12,6 +12,10 @@ cannot take gets a 4xx status and `{"error": "..."}` naming the problem. An
 unexpected exception in a handler is logged and gets a 500 reply, and the
 server keeps serving.
 
+`GET /` serves the dashboard, a page that polls the JSON endpoints, from the
+files in `engine/dashboard/`. `GET /metrics` returns the Prometheus
+exposition text of `engine.metrics`.
+
 `write_discovery` writes `.monomyth/control.json` and the token beside it,
 so that the `engine` control commands started in the same folder find the
 API without options. `close` stops the server and removes those files.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import importlib.resources
 import json
 import logging
 import math
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+from engine import metrics
 from engine.errors import EngineError, StreamError
 from engine.master import WorkerState
 from engine.streams import open_stream, redact_url
@@ -60,6 +66,20 @@ TOKEN_FILE = CONTROL_FOLDER / "control.token"
 # Node types, pipeline names and worker ids are made of these characters.
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 
+# The files of the dashboard, in the package folder engine/dashboard, and
+# their Content-Type. `GET /assets/<file-name>` serves only these.
+DASHBOARD_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+# The page may load scripts, styles and data from the API itself only.
+_DASHBOARD_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
+
 
 class RequestError(Exception):
     """A request that the API rejects with a 4xx status and a JSON error."""
@@ -74,11 +94,17 @@ class RequestError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A status and JSON body to send, and a summary for the log line."""
+    """A status and JSON body to send, and a summary for the log line.
+
+    A reply with `content` sends those bytes as `content_type` instead of
+    the JSON body.
+    """
 
     status: HTTPStatus
     body: dict[str, Any]
     summary: str = ""
+    content: bytes | None = None
+    content_type: str = "application/json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +155,9 @@ class ControlAPI:
         self.discovery: DiscoveryFile | None = None
         # Serializes opening the stream, so that concurrent requests open one.
         self.stream_lock = threading.Lock()
+        # Whether the last scrape of /metrics failed to read queue depths, so
+        # that a stream that stays down is logged once, not at every scrape.
+        self.is_stream_down = False
 
     @property
     def port(self) -> int:
@@ -235,6 +264,7 @@ class ControlAPI:
             result = {
                 "workers": master.worker_info(),
                 "types": master.type_stats(),
+                "nodes": master.node_stats(),
                 "pipelines": pipelines,
             }
         return Reply(HTTPStatus.OK, result)
@@ -249,6 +279,54 @@ class ControlAPI:
                 f"data stream {redact_url(self.stream_url)} is not reachable: {exc}",
             ) from exc
         return Reply(HTTPStatus.OK, {"queues": {name: depths[name] for name in names}})
+
+    def graph(self, _: str, body: dict[str, Any]) -> Reply:
+        master = self.master
+        with master.lock:
+            pipelines = {
+                name: _pipeline_graph(master, node_types)
+                for name, node_types in master.pipelines.items()
+            }
+        return Reply(HTTPStatus.OK, {"pipelines": pipelines})
+
+    def metrics(self, _: str, body: dict[str, Any]) -> Reply:
+        names = self._queue_names()
+        depths: dict[str, int] | None
+        try:
+            depths = self._open_stream().depths(names) if names else {}
+        except StreamError as exc:
+            depths = None
+            if not self.is_stream_down:
+                logger.warning(
+                    "metrics without queue depths: data stream %s is not reachable: %s",
+                    redact_url(self.stream_url),
+                    exc,
+                )
+        else:
+            if self.is_stream_down:
+                logger.info(
+                    "data stream %s reachable again", redact_url(self.stream_url)
+                )
+        self.is_stream_down = depths is None
+        text = metrics.render_metrics(self.master, depths)
+        return Reply(
+            HTTPStatus.OK, {}, content=text.encode(), content_type=metrics.CONTENT_TYPE
+        )
+
+    def dashboard(self, _: str, body: dict[str, Any]) -> Reply:
+        return self.asset("index.html", body)
+
+    def asset(self, name: str, body: dict[str, Any]) -> Reply:
+        content_type = DASHBOARD_FILES.get(name)
+        if content_type is None:
+            known = ", ".join(repr(f) for f in DASHBOARD_FILES)
+            raise RequestError(
+                HTTPStatus.NOT_FOUND,
+                f"dashboard file {name!r} not found; the files are {known}",
+            )
+        folder = importlib.resources.files("engine").joinpath("dashboard")
+        content = folder.joinpath(name).read_bytes()
+        return Reply(HTTPStatus.OK, {}, content=content, content_type=content_type)
 
     def start_node(self, node_type: str, body: dict[str, Any]) -> Reply:
         count = _count(body, minimum=1)
@@ -392,9 +470,47 @@ def _drain_timeout(body: dict[str, Any]) -> float:
     return float(value)
 
 
+def _pipeline_graph(master: Master, node_types: list[str]) -> dict[str, Any]:
+    """Return the node types of a pipeline with their columns, and its edges.
+
+    A type's column is the length of the longest path to it from a source,
+    so that every edge leads to a later column. Call it under the lock.
+    """
+    columns: dict[str, int] = {}
+
+    def column(node_type: str) -> int:
+        if node_type not in columns:
+            upstream = master.types[node_type].upstream
+            # Pipelines are acyclic, so the recursion ends at the sources.
+            columns[node_type] = 1 + max(map(column, upstream), default=-1)
+        return columns[node_type]
+
+    nodes = []
+    edges = []
+    for node_type in node_types:
+        record = master.types[node_type]
+        nodes.append(
+            {
+                "node_type": node_type,
+                "node": record.node,
+                "kind": record.kind,
+                "column": column(node_type),
+                "fail_queue": f"{node_type}-fail",
+            }
+        )
+        for source, queue in zip(record.upstream, record.input_queues, strict=True):
+            edges.append({"from": source, "to": node_type, "queue": queue})
+    return {"nodes": nodes, "edges": edges}
+
+
 ROUTES = (
+    Route("GET", "", "", ControlAPI.dashboard),
+    Route("GET", "dashboard", "", ControlAPI.dashboard),
+    Route("GET", "assets", "file name", ControlAPI.asset),
     Route("GET", "ping", "", ControlAPI.ping),
     Route("GET", "status", "", ControlAPI.status),
+    Route("GET", "graph", "", ControlAPI.graph),
+    Route("GET", "metrics", "", ControlAPI.metrics),
     Route("GET", "recipe-info", "", ControlAPI.recipe_info),
     Route("GET", "worker-info", "", ControlAPI.worker_info),
     Route("GET", "queues", "", ControlAPI.queues),
@@ -491,7 +607,15 @@ class _Handler(BaseHTTPRequestHandler):
             error = f"internal error: {type(exc).__name__}: {exc}; see the master's log"
             self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": error})
             return
-        self._send(reply.status, reply.body)
+        if reply.content is None:
+            self._send(reply.status, reply.body)
+        else:
+            self._send_payload(
+                reply.status,
+                reply.content,
+                reply.content_type,
+                _content_headers(reply.content_type),
+            )
         self._log(path, reply.status, reply.summary)
 
     def _read_body(self) -> bytes:
@@ -553,17 +677,26 @@ class _Handler(BaseHTTPRequestHandler):
         body: dict[str, Any] | None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        payload = b"" if body is None else json.dumps(body).encode() + b"\n"
+        payload = None if body is None else json.dumps(body).encode() + b"\n"
+        self._send_payload(status, payload, "application/json", headers)
+
+    def _send_payload(
+        self,
+        status: HTTPStatus,
+        payload: bytes | None,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
-        if body is not None:
-            self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
+        if payload is not None:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload or b"")))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command != "HEAD" and payload:
             self.wfile.write(payload)
 
     def send_error(
@@ -610,6 +743,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
+
+
+def _content_headers(content_type: str) -> dict[str, str]:
+    # The dashboard's files change with the installed package, and a browser
+    # must not guess another type for them.
+    headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+    if content_type.startswith("text/html"):
+        headers["Content-Security-Policy"] = _DASHBOARD_POLICY
+    return headers
 
 
 def _allow(route: Route) -> str:

@@ -22,8 +22,8 @@ from pathlib import Path
 import click
 
 from engine.commands import CONTROL_COMMANDS
-from engine.failqueue import fail_queue
 from engine.errors import EngineError, ParameterError
+from engine.failqueue import fail_queue
 from engine.logs import LOG_LEVELS, configure_logging
 
 logger = logging.getLogger(__name__)
@@ -161,6 +161,12 @@ def cli(context: click.Context, log_level: str, log_format: str) -> None:
     help="Seconds that nodes get to finish their batch on Ctrl-C or at the "
     "end, before they are killed.",
 )
+@click.option(
+    "--hold",
+    is_flag=True,
+    help="After the run ends and the summary is printed, keep the control API "
+    "and its dashboard serving the final state until Ctrl-C.",
+)
 @click.pass_context
 def run(
     context: click.Context,
@@ -170,6 +176,7 @@ def run(
     pipeline_name: str | None,
     purge: bool,
     drain_timeout: float,
+    hold: bool,
 ) -> None:
     """Run PIPELINE_FILE on this machine: a master, a worker and its nodes.
 
@@ -189,6 +196,7 @@ def run(
             drain_timeout_s=drain_timeout,
             log_level=context.obj["log_level"],
             log_format=context.obj["log_format"],
+            hold=hold,
         )
     except ParameterError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,35 @@ class NodeContext:
     # skip items they applied before.
     item_ids: list[str] = field(default_factory=list)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("node"))
+    # Receives each valid `report_progress` call. The node runtime sets it to
+    # store the progress in the process's shared counters; None drops it.
+    progress_hook: Callable[[int, int], None] | None = None
+
+    def report_progress(self, done: int, total: int) -> None:
+        """Report how much of its input the node has read: `done` of `total`.
+
+        The units are the node's own, such as bytes or rows. The worker's
+        heartbeats carry the last report to the master, where `engine run`
+        draws a progress bar and the control API shows it. A `total` of 0
+        means the total is not known. Reports of several processes of one
+        node are summed.
+
+        Raises `TypeError` unless both are integers, and `ValueError` when
+        one is negative or does not fit in 64 bits.
+        """
+        for name, value in (("done", done), ("total", total)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(
+                    f"invalid {name}={value!r} for report_progress: expected an "
+                    "integer, such as the number of bytes read"
+                )
+            if not 0 <= value < 2**63:
+                raise ValueError(
+                    f"invalid {name}={value} for report_progress: expected an "
+                    "integer from 0 to 2**63 - 1"
+                )
+        if self.progress_hook is not None:
+            self.progress_hook(done, total)
 
     def resolve(self, value: Any) -> Any:
         """Return `value`, or the run parameter it names if it is a `Param`."""

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from engine import protocol as mmop
 from engine.errors import EngineError, ProtocolError
 from engine.recipe import build_recipe
+from engine.runtime import BATCH_DURATION_BUCKETS_S
 
 if TYPE_CHECKING:
     from engine.pipeline import Pipeline
@@ -86,6 +87,15 @@ class NodeRecord:
     stats: dict[str, int] = field(default_factory=dict)
     cpu_percent: float = 0.0
     memory_bytes: int = 0
+    # The last `report_progress` of the node, in its own units; 0 of 0 when none.
+    progress_done: int = 0
+    progress_total: int = 0
+    # Batches per bucket of BATCH_DURATION_BUCKETS_S plus one over the largest
+    # bound, not cumulative, and the sum of their durations.
+    batch_duration_counts: list[int] = field(
+        default_factory=lambda: [0] * (len(BATCH_DURATION_BUCKETS_S) + 1)
+    )
+    batch_duration_sum_s: float = 0.0
 
 
 @dataclass(eq=False)
@@ -580,17 +590,17 @@ class Master:
                 node.restarts += 1
         elif isinstance(message, mmop.NodeCompleted):
             node.state = NodeState.COMPLETED
-            node.stats = dict(message.stats)
+            _apply_stats(node, message.stats)
             logger.info("node %s completed on %s", node.node_id, worker.worker_id)
         elif isinstance(message, mmop.NodeStopped):
             node.state = NodeState.STOPPED
-            node.stats = dict(message.stats)
+            _apply_stats(node, message.stats)
         elif isinstance(message, (mmop.NodeFailed, mmop.NodeStartFailed)):
             node.state = NodeState.FAILED
             node.last_error = message.reason
             record.last_error = message.reason
             if isinstance(message, mmop.NodeFailed):
-                node.stats = dict(message.stats)
+                _apply_stats(node, message.stats)
             logger.error("node %s failed: %s", node.node_id, message.reason)
         else:
             logger.error(
@@ -607,7 +617,7 @@ class Master:
         node.restarts = int(report.get("restarts", node.restarts))
         node.cpu_percent = float(report.get("cpu_percent", 0.0))
         node.memory_bytes = int(report.get("memory_bytes", 0))
-        node.stats = {key: int(report.get(key, 0)) for key in STAT_KEYS}
+        _apply_stats(node, report)
         try:
             state = NodeState(report.get("state"))
         except ValueError:
@@ -850,11 +860,13 @@ class Master:
             for node_type in names or self.types:
                 record = self.types[node_type]
                 totals = dict.fromkeys(STAT_KEYS, 0)
-                restarts = 0
+                restarts = progress_done = progress_total = 0
                 for node in record.nodes.values():
                     for key in STAT_KEYS:
                         totals[key] += node.stats.get(key, 0)
                     restarts += node.restarts
+                    progress_done += node.progress_done
+                    progress_total += node.progress_total
                 result[node_type] = {
                     "node": record.node,
                     "kind": record.kind,
@@ -865,7 +877,48 @@ class Master:
                     "last_error": record.last_error,
                     "input_queues": list(record.input_queues),
                     **totals,
+                    "progress_done": progress_done,
+                    "progress_total": progress_total,
                 }
+            return result
+
+    def node_stats(self) -> dict[str, dict[str, Any]]:
+        """Return, per node id, its type, worker, state and counters."""
+        with self.lock:
+            return {
+                node.node_id: {
+                    "node_type": record.node_type,
+                    "worker_id": node.worker_id,
+                    "state": node.state.value,
+                    "pid": node.pid,
+                    "restarts": node.restarts,
+                    "cpu_percent": node.cpu_percent,
+                    "memory_bytes": node.memory_bytes,
+                    **{key: node.stats.get(key, 0) for key in STAT_KEYS},
+                    "progress_done": node.progress_done,
+                    "progress_total": node.progress_total,
+                }
+                for record in self.types.values()
+                for node in record.nodes.values()
+            }
+
+    def batch_durations(self) -> dict[str, tuple[list[int], float]]:
+        """Return, per node type, its batch duration histogram summed over nodes.
+
+        Each value is the count per bucket of BATCH_DURATION_BUCKETS_S plus
+        one for the batches over its largest bound, not cumulative, and the
+        sum of the durations in seconds.
+        """
+        with self.lock:
+            result = {}
+            for node_type, record in self.types.items():
+                counts = [0] * (len(BATCH_DURATION_BUCKETS_S) + 1)
+                total_s = 0.0
+                for node in record.nodes.values():
+                    for index, count in enumerate(node.batch_duration_counts):
+                        counts[index] += count
+                    total_s += node.batch_duration_sum_s
+                result[node_type] = (counts, total_s)
             return result
 
     # Stopping and scaling the nodes of a type.
@@ -941,3 +994,35 @@ class Master:
             if count > active:
                 return self.start_nodes(node_type, count - active), []
             return [], self.stop_nodes(node_type, active - count)
+
+
+def _apply_stats(node: NodeRecord, stats: dict[str, Any]) -> None:
+    """Copy the counters of a worker's node report or final stats into `node`.
+
+    A member that is missing or of the wrong type keeps its previous value,
+    so that a report from a worker of another version cannot stop the master.
+    """
+    node.stats = {
+        key: _count(stats.get(key), node.stats.get(key, 0)) for key in STAT_KEYS
+    }
+    node.progress_done = _count(stats.get("progress_done"), node.progress_done)
+    node.progress_total = _count(stats.get("progress_total"), node.progress_total)
+    counts = stats.get("batch_duration_counts")
+    total_s = stats.get("batch_duration_sum_s")
+    is_histogram = (
+        isinstance(counts, list)
+        and len(counts) == len(BATCH_DURATION_BUCKETS_S) + 1
+        and all(_count(count, -1) >= 0 for count in counts)
+        and isinstance(total_s, int | float)
+        and not isinstance(total_s, bool)
+        and total_s >= 0
+    )
+    if is_histogram:
+        node.batch_duration_counts = [int(count) for count in counts]
+        node.batch_duration_sum_s = float(total_s)
+
+
+def _count(value: Any, default: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return default

@@ -7,8 +7,9 @@ import time
 from collections import deque
 from typing import Any, TextIO
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 # Seconds between plain progress lines when the output is not a terminal.
@@ -94,6 +95,7 @@ class ProgressDisplay:
         self.last_plain = now
         elapsed = now - self.started
         for node_type, entry in stats.items():
+            percent = _percent(entry)
             self.print(
                 f"progress {node_type} state={entry['state']} "
                 f"processes={entry['running']}/{entry['processes']} "
@@ -101,7 +103,8 @@ class ProgressDisplay:
                 f"rate={rates.get(node_type, 0.0):.0f}/s "
                 f"queue={_queue_depth(entry, depths)} "
                 f"failed={entry['failures']} restarts={entry['restarts']} "
-                f"elapsed={elapsed:.1f}s"
+                + ("" if percent is None else f"read={percent:.1f}% ")
+                + f"elapsed={elapsed:.1f}s"
             )
 
     def _table(
@@ -109,7 +112,7 @@ class ProgressDisplay:
         stats: dict[str, dict[str, Any]],
         depths: dict[str, int],
         rates: dict[str, float],
-    ) -> Table:
+    ) -> RenderableType:
         elapsed = time.monotonic() - self.started
         table = Table(title=f"{self.title}  {elapsed:.1f} s", title_justify="left")
         for column in ("node", "state", "procs", "in", "out", "rate/s", "queue"):
@@ -130,7 +133,34 @@ class ProgressDisplay:
                 f"{entry['failures']:,}",
                 f"{entry['restarts']}",
             )
-        return table
+        bars = _progress_bars(stats)
+        return Group(table, bars) if bars is not None else table
+
+
+def _percent(entry: dict[str, Any]) -> float | None:
+    """Return the share of its input that a node type read, or None if unknown."""
+    total = entry.get("progress_total", 0)
+    if not total:
+        return None
+    return min(100.0, 100.0 * entry.get("progress_done", 0) / total)
+
+
+def _progress_bars(stats: dict[str, dict[str, Any]]) -> Table | None:
+    """Return a bar per node type that reports the total size of its input."""
+    grid = Table.grid(padding=(0, 1))
+    for entry in stats.values():
+        percent = _percent(entry)
+        if percent is None:
+            continue
+        done = entry["progress_done"]
+        total = entry["progress_total"]
+        grid.add_row(
+            entry["node"],
+            ProgressBar(total=total, completed=min(done, total), width=40),
+            f"{percent:5.1f}%",
+            f"{done:,} of {total:,} read",
+        )
+    return grid if grid.row_count else None
 
 
 def _queue_depth(entry: dict[str, Any], depths: dict[str, int]) -> int:

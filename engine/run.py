@@ -14,7 +14,9 @@ stays in the stream file and is delivered again when its lease expires.
 
 The run's control API listens on a free loopback port, and the discovery file
 `.monomyth/control.json` lets `engine status` and the other control commands
-find it when they run in the same folder.
+find it when they run in the same folder. With `hold`, the master and the API
+keep serving after the summary, with every node stopped, until Ctrl-C: the
+dashboard and `/metrics` then show the final counters.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class LocalRun:
         log_level: str = "info",
         log_format: str = "text",
         display: ProgressDisplay | None = None,
+        hold: bool = False,
     ) -> None:
         self.pipeline = load_pipeline(path, pipeline_name)
         self.pipeline.check()
@@ -86,6 +89,7 @@ class LocalRun:
         self.log_level = log_level
         self.log_format = log_format
         self.display = display or ProgressDisplay(f"pipeline {self.pipeline.name}")
+        self.hold = hold
         self.interrupts = 0
         self.worker: subprocess.Popen | None = None
         self.master: Master | None = None
@@ -106,22 +110,37 @@ class LocalRun:
             )
             previous = signal.signal(signal.SIGINT, self._on_interrupt)
             try:
-                self.master.add_pipeline(self.pipeline, self.params)
-                control.start()
-                control.write_discovery([self.pipeline.name])
-                self.worker = self._start_worker(self.master.port, secret)
-                self.master.start_pipeline(self.pipeline.name)
-                with self.display:
-                    status = self._watch(stream)
-                    self._stop_worker()
-                    self._show(stream)
+                try:
+                    self.master.add_pipeline(self.pipeline, self.params)
+                    control.start()
+                    control.write_discovery([self.pipeline.name])
+                    self.worker = self._start_worker(self.master.port, secret)
+                    self.master.start_pipeline(self.pipeline.name)
+                    with self.display:
+                        status = self._watch(stream)
+                        self._stop_worker()
+                        self._show(stream)
+                finally:
+                    # A held run counts Ctrl-C until the hold ends, so that
+                    # one pressed while the nodes drain ends the run.
+                    if not self.hold:
+                        signal.signal(signal.SIGINT, previous)
+                if not self.hold:
+                    self._close_services(control)
+                outcome = self._finish(stream, status, time.monotonic() - started)
+                if self.hold and not self.interrupts:
+                    self._hold_until_interrupted(control.url)
             finally:
                 signal.signal(signal.SIGINT, previous)
-                control.close()
-                self.master.close()
-            return self._finish(stream, status, time.monotonic() - started)
+                self._close_services(control)
+            return outcome
         finally:
             stream.close()
+
+    def _close_services(self, control: ControlAPI) -> None:
+        """Stop the control API and the master; calling it again does nothing."""
+        control.close()
+        self.master.close()
 
     def _prepare_queues(self, stream: Any) -> None:
         queues = self.pipeline.data_queues()
@@ -241,6 +260,17 @@ class LocalRun:
                 break
             time.sleep(0.05)
         self.worker.wait()
+
+    def _hold_until_interrupted(self, api_url: str) -> None:
+        """Keep the master and the control API serving until Ctrl-C."""
+        self.display.print(
+            f"holding: the dashboard at {api_url}/ and the metrics at "
+            f"{api_url}/metrics show the final state; press Ctrl-C to exit"
+        )
+        # The signal handler runs in this thread between two timed waits.
+        while not self.interrupts:
+            time.sleep(REFRESH_INTERVAL_S)
+        logger.info("hold ended by Ctrl-C")
 
     def _kill_worker(self) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

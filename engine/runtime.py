@@ -18,6 +18,7 @@ memory that the worker reads at any time, even after the process died.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import logging
 import multiprocessing
@@ -54,9 +55,37 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Positions in the shared counter array of a node process.
+# Positions in the shared counter array of a node process, a RawArray of
+# signed 64-bit integers that the worker allocates with COUNTER_SLOTS slots.
+# `counters_to_stats` names every slot.
 ITEMS_IN, ITEMS_OUT, FAILURES, RETRIES, BATCHES = range(5)
 COUNTER_NAMES = ("items_in", "items_out", "failures", "retries", "batches")
+# The last values passed to `NodeContext.report_progress`, in the node's units.
+PROGRESS_DONE = 5
+PROGRESS_TOTAL = 6
+# Sum of the measured batch durations, in nanoseconds.
+BATCH_DURATION_SUM_NS = 7
+# Upper bounds, in seconds, of the batch duration histogram. Each bound has a
+# slot that counts the batches longer than the previous bound and at most this
+# one, so the slots are not cumulative. One more slot counts the batches over
+# the last bound.
+BATCH_DURATION_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_DURATION_COUNTS = 8
+COUNTER_SLOTS = BATCH_DURATION_COUNTS + len(BATCH_DURATION_BUCKETS_S) + 1
 
 # Size of the shared memory that holds the id of the item in flight.
 IN_FLIGHT_BYTES = 256
@@ -89,9 +118,24 @@ class NodeLaunch:
     last_crash: str = ""
 
 
-def counters_to_stats(counters: Sequence[int]) -> dict[str, int]:
-    """Return the shared counters of a node process as a dict."""
-    return {name: int(counters[i]) for i, name in enumerate(COUNTER_NAMES)}
+def counters_to_stats(counters: Sequence[int]) -> dict[str, Any]:
+    """Return the shared counters of a node process as a dict.
+
+    Besides the integer counters of COUNTER_NAMES, it contains `progress_done`
+    and `progress_total`, `batch_duration_sum_s`, and
+    `batch_duration_counts`: one count per bucket of BATCH_DURATION_BUCKETS_S
+    and a last one for the batches over its largest bound, not cumulative.
+    """
+    stats: dict[str, Any] = {
+        name: int(counters[i]) for i, name in enumerate(COUNTER_NAMES)
+    }
+    stats["progress_done"] = int(counters[PROGRESS_DONE])
+    stats["progress_total"] = int(counters[PROGRESS_TOTAL])
+    stats["batch_duration_sum_s"] = counters[BATCH_DURATION_SUM_NS] / 1e9
+    stats["batch_duration_counts"] = [
+        int(count) for count in counters[BATCH_DURATION_COUNTS:COUNTER_SLOTS]
+    ]
+    return stats
 
 
 def node_main(
@@ -204,6 +248,7 @@ class NodeRunner:
             process_index=launch.process_index,
             process_count=launch.process_count,
             logger=logging.getLogger(f"node.{recipe.node_type}"),
+            progress_hook=self._store_progress,
         )
         self.stream: Stream | None = None
 
@@ -305,7 +350,9 @@ class NodeRunner:
                 queues, settings.batch_size, settings.batch_timeout_s
             )
             if deliveries:
+                started_ns = time.perf_counter_ns()
                 self._process_batch(deliveries)
+                self._record_batch_duration(time.perf_counter_ns() - started_ns)
                 reason = self._memory_over_limit()
                 if reason:
                     return ("recycle", reason)
@@ -317,6 +364,16 @@ class NodeRunner:
             if settings.batch_timeout_s < IDLE_PULL_TIMEOUT_S:
                 # An idle node waits here instead of spinning on empty pulls.
                 time.sleep(IDLE_PULL_TIMEOUT_S - settings.batch_timeout_s)
+
+    def _record_batch_duration(self, duration_ns: int) -> None:
+        """Count one batch, from its pull to its ack, in the shared histogram."""
+        bucket = bisect.bisect_left(BATCH_DURATION_BUCKETS_S, duration_ns / 1e9)
+        self.counters[BATCH_DURATION_COUNTS + bucket] += 1
+        self.counters[BATCH_DURATION_SUM_NS] += duration_ns
+
+    def _store_progress(self, done: int, total: int) -> None:
+        self.counters[PROGRESS_TOTAL] = total
+        self.counters[PROGRESS_DONE] = done
 
     def _inputs_drained(self, queues: list[str]) -> bool:
         return all(depth == 0 for depth in self.stream.depths(queues).values())
@@ -567,7 +624,7 @@ class NodeRunner:
             record["payload"] = repr(record.get("payload"))
             return encode(record, "json")
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """Return this process's counters."""
         return counters_to_stats(self.counters)
 

@@ -43,6 +43,8 @@ from engine import protocol as mmop
 from engine.errors import EngineError, ProtocolError, RecipeError
 from engine.recipe import RecipeHeader, read_header
 from engine.runtime import (
+    COUNTER_NAMES,
+    COUNTER_SLOTS,
     IN_FLIGHT_BYTES,
     NodeLaunch,
     counters_to_stats,
@@ -475,7 +477,7 @@ class Worker:
             header=header,
             process_index=_process_index(node_id),
             complete=self.context.Event(),
-            counters=self.context.RawArray("q", 5),
+            counters=self.context.RawArray("q", COUNTER_SLOTS),
             in_flight=self.context.RawArray("c", IN_FLIGHT_BYTES),
         )
         if node_type in self.completing_types:
@@ -761,7 +763,7 @@ class Worker:
     def _alive_nodes(self) -> list[ManagedNode]:
         return [node for node in self.nodes.values() if node.is_alive]
 
-    def _stats(self, node: ManagedNode) -> dict[str, int]:
+    def _stats(self, node: ManagedNode) -> dict[str, Any]:
         return counters_to_stats(node.counters)
 
     def _node_report(self, node: ManagedNode) -> dict[str, Any]:
@@ -785,11 +787,16 @@ class Worker:
 
     def _send_heartbeat(self) -> None:
         nodes = [self._node_report(node) for node in self.nodes.values()]
+        # The worker's own use plus that of its node processes.
+        cpu_percent = self.process.cpu_percent(None)
+        cpu_percent += sum(report["cpu_percent"] for report in nodes)
+        memory_bytes = self.process.memory_info().rss
+        memory_bytes += sum(report["memory_bytes"] for report in nodes)
         self._send(
             mmop.Heartbeat(
                 worker_id=self.worker_id,
-                cpu_percent=self.process.cpu_percent(None),
-                memory_bytes=self.process.memory_info().rss,
+                cpu_percent=cpu_percent,
+                memory_bytes=memory_bytes,
                 nodes=nodes,
             )
         )
@@ -839,4 +846,4 @@ def _describe_exit(exitcode: int | None) -> str:
 def _format_stats(stats: Any) -> str:
     if not isinstance(stats, dict):
         return ""
-    return " ".join(f"{key}={value}" for key, value in stats.items())
+    return " ".join(f"{key}={stats.get(key)}" for key in COUNTER_NAMES)

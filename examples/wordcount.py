@@ -116,6 +116,8 @@ def read(ctx):
         lines_per_chunk=params["lines"],
         pattern=file_pattern(params),
         exclude=EXCLUDED_FOLDERS,
+        # Bytes read of the total: the progress bar of engine run.
+        progress=ctx.report_progress,
     )
 
 

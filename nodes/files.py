@@ -18,7 +18,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from fnmatch import fnmatchcase
 from itertools import islice
 from pathlib import Path
@@ -75,6 +75,7 @@ def read_text_chunks(
     pattern: str = "*",
     exclude: Iterable[str] = (),
     encoding: str = "utf-8",
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Read the text files under `path` in chunks of `lines_per_chunk` lines.
 
@@ -89,8 +90,16 @@ def read_text_chunks(
     text with that translation. Bytes that do not decode become U+FFFD
     instead of raising.
 
+    `progress`, such as `ctx.report_progress`, is called with the bytes read
+    so far and the total size of the files: with 0 before the first chunk,
+    after each chunk, and with the total at the end. The size of each file is
+    taken when reading starts.
+
     Raises `ParameterError` at the call, before any file is read, when
     `lines_per_chunk` is below 1 or `path` does not exist.
+
+    Limits: the bytes read within a file run ahead of the chunks yielded by
+    up to the 8 KiB that the decoder reads at a time.
     """
     if isinstance(lines_per_chunk, bool) or not isinstance(lines_per_chunk, int):
         raise ParameterError(
@@ -102,7 +111,7 @@ def read_text_chunks(
             "lines_per_chunk must be 1 or more"
         )
     files = list_files(path, pattern, exclude)
-    return _iter_text_chunks(files, lines_per_chunk, encoding)
+    return _iter_text_chunks(files, lines_per_chunk, encoding, progress)
 
 
 def text_size_bytes(
@@ -329,9 +338,17 @@ def _walk_folder(root: Path, pattern: str, excluded: frozenset[str]) -> list[Pat
 
 
 def _iter_text_chunks(
-    files: list[Path], lines_per_chunk: int, encoding: str
+    files: list[Path],
+    lines_per_chunk: int,
+    encoding: str,
+    progress: Callable[[int, int], None] | None,
 ) -> Iterator[dict[str, Any]]:
-    for file in files:
+    sizes = [file.stat().st_size for file in files] if progress else []
+    total_bytes = sum(sizes)
+    done_bytes = 0
+    if progress:
+        progress(0, total_bytes)
+    for index, file in enumerate(files):
         # newline=None selects universal newlines. Iteration then splits on
         # "\n" only, unlike str.splitlines, which also splits on "\f" and others.
         with file.open(encoding=encoding, errors="replace", newline=None) as text:
@@ -339,6 +356,14 @@ def _iter_text_chunks(
             while lines := list(islice(text, lines_per_chunk)):
                 yield {"path": str(file), "line": first_line, "text": "".join(lines)}
                 first_line += len(lines)
+                if progress:
+                    # The binary buffer's position counts the bytes decoded so far.
+                    position = min(text.buffer.tell(), sizes[index])
+                    progress(done_bytes + position, total_bytes)
+        if progress:
+            done_bytes += sizes[index]
+    if progress:
+        progress(done_bytes, total_bytes)
 
 
 def _iter_json_lines(file: Path) -> Iterator[Any]:

@@ -252,7 +252,7 @@ def test_master_serves_api_and_removes_discovery(tmp_path: Path) -> None:
     finally:
         _, stderr = stop_process(process)
 
-    assert status == {"pipelines": {}, "types": {}, "workers": {}}
+    assert status == {"nodes": {}, "pipelines": {}, "types": {}, "workers": {}}
     assert explicit.returncode == 0, explicit.stderr
     assert process.returncode == 0, stderr
     assert "control API listening on http://127.0.0.1:" in stderr

@@ -568,7 +568,7 @@ OVERSIZED = b"{" + b" " * MAX_BODY_BYTES + b"}"
     ("method", "path", "body", "status", "error"),
     [
         ("GET", "/nowhere", None, 404, "path '/nowhere' not found"),
-        ("GET", "/", None, 404, "path '/' not found"),
+        ("GET", "/nowhere/deeper", None, 404, "path '/nowhere/deeper' not found"),
         ("GET", "/ping/extra", None, 404, "not found"),
         ("POST", "/start-node", None, 404, "POST /start-node/<node-type>"),
         ("GET", "/start-node/p.b", None, 405, "use POST /start-node/<node-type>"),
