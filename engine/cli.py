@@ -58,6 +58,12 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
                 "-p input=book.txt",
                 param_hint="-p/--param",
             )
+        if key in params:
+            raise click.BadParameter(
+                f"parameter {key!r} given twice ({params[key]!r} and {text!r}); "
+                "give each parameter once",
+                param_hint="-p/--param",
+            )
         params[key] = text
     return params
 
@@ -154,6 +160,13 @@ def cli(context: click.Context, log_level: str, log_format: str) -> None:
     help="Delete items that an earlier, unfinished run left in the stream.",
 )
 @click.option(
+    "--resume",
+    is_flag=True,
+    help="Process the items that an earlier, unfinished run left in the "
+    "stream (or that fail-queue replay put back), without running the "
+    "sources again.",
+)
+@click.option(
     "--drain-timeout",
     type=click.FloatRange(min=0),
     default=60.0,
@@ -175,6 +188,7 @@ def run(
     stream_url: str | None,
     pipeline_name: str | None,
     purge: bool,
+    resume: bool,
     drain_timeout: float,
     hold: bool,
 ) -> None:
@@ -193,6 +207,7 @@ def run(
             stream_url=stream_url,
             pipeline_name=pipeline_name,
             purge=purge,
+            resume=resume,
             drain_timeout_s=drain_timeout,
             log_level=context.obj["log_level"],
             log_format=context.obj["log_format"],

@@ -45,6 +45,10 @@ def ensure_secret(host: str, secret: bytes | None, secret_file: Path | None) -> 
             "same secret"
         )
     path = secret_file or DEFAULT_SECRET_FILE
+    if path.exists() and path.read_text().strip():
+        # A restarted master keeps the secret that its workers already hold.
+        logger.info("cluster secret read from %s", path)
+        return path.read_text().strip().encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     text = secrets.token_hex(32)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -56,6 +60,19 @@ def ensure_secret(host: str, secret: bytes | None, secret_file: Path | None) -> 
         path,
     )
     return text.encode()
+
+
+def absolute_stream_url(url: str) -> str:
+    """Return `url` with a relative SQLite path made absolute.
+
+    Workers resolve the URL from the master's WELCOME in their own working
+    folder, so a relative path would give each of them a file of its own.
+    """
+    if not url.startswith("sqlite:///") or url.startswith("sqlite:////"):
+        return url
+    path, _, query = url[len("sqlite:///") :].partition("?")
+    absolute = f"sqlite:///{Path(path).resolve()}"
+    return f"{absolute}?{query}" if query else absolute
 
 
 def serve_master(
@@ -82,6 +99,7 @@ def serve_master(
         pipeline = load_pipeline(path)
         pipeline.check()
         pipelines.append((pipeline, pipeline.resolve_params(_own(pipeline, overrides))))
+    stream_url = absolute_stream_url(stream_url)
     key = ensure_secret(host, secret, secret_file)
     if api_address is not None and secret is None and not is_loopback(api_address[0]):
         raise EngineError(

@@ -166,7 +166,9 @@ def replay(node: str, item_ids: tuple[str, ...], stream_url: str | None) -> None
     """Put failed items of NODE back on the queue they failed from.
 
     A replayed item starts again at attempt 1 and keeps its error history.
-    The pipeline must be running (or run again) to process them.
+    A running pipeline processes it; otherwise run `engine run PIPELINE.py
+    --resume`, which processes what the stream holds without running the
+    sources again.
     """
     stream, queue = _open(node, stream_url)
     try:

@@ -182,7 +182,16 @@ class Master:
 
     def start(self) -> None:
         """Bind the MMOP port and start accepting workers and clients."""
-        listener = socket.create_server((self.host, self.requested_port), backlog=64)
+        try:
+            listener = socket.create_server(
+                (self.host, self.requested_port), backlog=64
+            )
+        except OSError as exc:
+            raise EngineError(
+                f"cannot listen on {self.host}:{self.requested_port} "
+                f"({exc.strerror or exc}); stop the process that uses the port, "
+                "or pass another --bind HOST:PORT"
+            ) from exc
         self.listener = listener
         self._spawn(self._accept_loop, "mmop-accept")
         self._spawn(self._monitor_loop, "master-monitor")
@@ -237,9 +246,11 @@ class Master:
             self.pipelines[pipeline.name] = names
         logger.info("pipeline %s loaded with %d node types", pipeline.name, len(names))
 
-    def start_pipeline(self, name: str) -> list[str]:
+    def start_pipeline(self, name: str, run_sources: bool = True) -> list[str]:
         """Start every node type of pipeline `name` with its declared processes.
 
+        With `run_sources` false, the sources count as completed at once, so
+        the other nodes process what the stream holds already and complete.
         Nodes wait in the queued state until a worker joins. Returns the new
         node ids.
         """
@@ -252,7 +263,12 @@ class Master:
             node_ids = []
             for node_type in self.pipelines[name]:
                 record = self.types[node_type]
+                if record.kind == "source" and not run_sources:
+                    record.state = TypeState.COMPLETED
+                    continue
                 node_ids += self.start_nodes(node_type, record.processes)
+            for node_type in self.pipelines[name]:
+                self._complete_if_ready(self.types[node_type])
             return node_ids
 
     def has_nodes(self, name: str) -> bool:
@@ -464,6 +480,17 @@ class Master:
                 heartbeat_interval_s=self.heartbeat_interval_s,
             )
         )
+        if (
+            self.stream_url.startswith("sqlite:")
+            and ready.hostname != socket.gethostname()
+        ):
+            logger.warning(
+                "worker %s runs on host %s, but the SQLite stream is a file of "
+                "this host; use a RabbitMQ stream (--stream amqp://...) for a "
+                "cluster of several hosts",
+                worker_id,
+                ready.hostname,
+            )
         logger.info(
             "worker %s %s from %s pid=%d cores=%d",
             worker_id,

@@ -23,6 +23,7 @@ Queue names derive from the graph: `<pipeline>.<from>-to-<to>` for an edge and
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import re
@@ -502,7 +503,16 @@ class Pipeline:
                 )
             params[key] = _convert(key, text, self.params[key])
         for check in self.param_checks:
-            check(params)
+            try:
+                check(params)
+            except ParameterError:
+                raise
+            except Exception as exc:
+                name = getattr(check, "__name__", repr(check))
+                raise ParameterError(
+                    f"check_params function {name!r} of pipeline {self.name!r} "
+                    f"raised {type(exc).__name__}: {exc}"
+                ) from exc
         return params
 
 
@@ -521,10 +531,16 @@ def _convert(key: str, text: str, default: Any) -> Any:
             return int(text)
         if isinstance(default, float):
             return float(text)
+        if isinstance(default, (list, dict)):
+            value = json.loads(text)
+            if not isinstance(value, type(default)):
+                raise ValueError(text)
+            return value
     except ValueError:
         raise ParameterError(
             f"invalid value {text!r} for parameter {key!r}: expected "
             f"{type(default).__name__} like the default {default!r}"
+            + (" written as JSON" if isinstance(default, (list, dict)) else "")
         ) from None
     return text
 

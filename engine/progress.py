@@ -83,6 +83,14 @@ class ProgressDisplay:
             self.stream.write(text + "\n")
             self.stream.flush()
 
+    def print_log(self, text: str) -> None:
+        """Print a log line of the worker: above the live table, or on stderr."""
+        if self.live is not None:
+            self.live.console.print(text, markup=False, highlight=False)
+        else:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
     def update(self, stats: dict[str, dict[str, Any]], depths: dict[str, int]) -> None:
         """Show the latest counters of every node type."""
         rates = self.meter.update(stats)

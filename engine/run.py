@@ -22,6 +22,7 @@ dashboard and `/metrics` then show the final counters.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -35,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from engine.api import ControlAPI
-from engine.errors import EngineError
+from engine.errors import EngineError, ParameterError
 from engine.loader import load_pipeline
 from engine.master import Master, TypeState
 from engine.progress import ProgressDisplay, format_summary
-from engine.streams import open_stream, redact_url
+from engine.streams import open_stream, redact_url, sqlite_path
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class LocalRun:
         stream_url: str | None = None,
         pipeline_name: str | None = None,
         purge: bool = False,
+        resume: bool = False,
         drain_timeout_s: float = 60.0,
         log_level: str = "info",
         log_format: str = "text",
@@ -84,7 +86,14 @@ class LocalRun:
         self.params = self.pipeline.resolve_params(overrides)
         self.path = Path(path).resolve()
         self.stream_url = stream_url or default_stream_url(self.pipeline.name)
+        if purge and resume:
+            raise ParameterError(
+                "--purge and --resume exclude each other: --purge deletes the "
+                "items left in the stream, --resume processes them"
+            )
         self.purge = purge
+        self.resume = resume
+        self.lock_file: Any = None
         self.drain_timeout_s = drain_timeout_s
         self.log_level = log_level
         self.log_format = log_format
@@ -96,11 +105,13 @@ class LocalRun:
 
     def execute(self) -> RunOutcome:
         """Run the pipeline to its end and print the summary."""
+        self._lock_stream()
         stream = open_stream(self.stream_url, owner="engine-run")
         try:
             self._prepare_queues(stream)
-            for hook in self.pipeline.start_hooks:
-                run_hook(hook, self.params, "on_start", self.pipeline.name)
+            if not self.resume:
+                for hook in self.pipeline.start_hooks:
+                    run_hook(hook, self.params, "on_start", self.pipeline.name)
             started = time.monotonic()
             secret = secrets.token_hex(32)
             self.master = Master(secret.encode(), self.stream_url)
@@ -115,7 +126,9 @@ class LocalRun:
                     control.start()
                     control.write_discovery([self.pipeline.name])
                     self.worker = self._start_worker(self.master.port, secret)
-                    self.master.start_pipeline(self.pipeline.name)
+                    self.master.start_pipeline(
+                        self.pipeline.name, run_sources=not self.resume
+                    )
                     with self.display:
                         status = self._watch(stream)
                         self._stop_worker()
@@ -142,17 +155,55 @@ class LocalRun:
         control.close()
         self.master.close()
 
+    def _lock_stream(self) -> None:
+        """Hold a lock file beside a SQLite stream, so runs cannot mix items.
+
+        Raises `EngineError` when another `engine run` of the same pipeline
+        uses the same stream file.
+        """
+        if not self.stream_url.startswith("sqlite:"):
+            return
+        path = Path(sqlite_path(self.stream_url.partition("?")[0]))
+        lock_path = path.with_name(f"{path.name}.{self.pipeline.name}.lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock_file = lock_path.open("a+")
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock_file.seek(0)
+            holder = self.lock_file.read().strip() or "unknown"
+            self.lock_file.close()
+            raise EngineError(
+                f"another engine run of pipeline {self.pipeline.name!r} uses the "
+                f"stream {redact_url(self.stream_url)} (pid {holder}); wait for it "
+                "to end, or give this run its own --stream"
+            ) from None
+        self.lock_file.seek(0)
+        self.lock_file.truncate()
+        self.lock_file.write(str(os.getpid()))
+        self.lock_file.flush()
+
     def _prepare_queues(self, stream: Any) -> None:
         queues = self.pipeline.data_queues()
         stream.declare(self.pipeline.all_queues())
         leftover = sum(stream.depths(queues).values())
+        if self.resume:
+            logger.info(
+                "resuming pipeline %s with the %d items left in the stream; "
+                "its sources do not run again",
+                self.pipeline.name,
+                leftover,
+            )
+            return
         if not leftover:
             return
         if not self.purge:
             raise EngineError(
                 f"stream {redact_url(self.stream_url)} holds {leftover} items of "
                 f"pipeline {self.pipeline.name!r} left by an earlier run that did "
-                "not finish; pass --purge to delete them before this run"
+                "not finish (or replayed from a fail queue); pass --resume to "
+                "process them without running the sources again, or --purge to "
+                "delete them before this run"
             )
         logger.warning(
             "deleting %d items left by an earlier run of pipeline %s",
@@ -204,7 +255,7 @@ class LocalRun:
 
     def _forward_output(self, worker: subprocess.Popen) -> None:
         for line in iter(worker.stdout.readline, b""):
-            self.display.print(line.decode("utf-8", "replace").rstrip("\n"))
+            self.display.print_log(line.decode("utf-8", "replace").rstrip("\n"))
 
     def _on_interrupt(self, signum: int, frame: object) -> None:
         self.interrupts += 1
@@ -300,7 +351,8 @@ class LocalRun:
         return RunOutcome(
             status=outcome,
             has_node_failures=has_node_failures,
-            failed_items=sum(fail_depths.values()),
+            # This run's failures only: a fail queue may hold older ones too.
+            failed_items=sum(entry["failures"] for entry in stats.values()),
             elapsed_s=elapsed_s,
         )
 

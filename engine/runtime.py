@@ -49,7 +49,6 @@ from engine.streams import open_stream
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
-    from multiprocessing.synchronize import Event
 
     from engine.streams import Delivery, Stream
 
@@ -99,6 +98,23 @@ class NodeProcessDiedError(EngineError):
 IDLE_PULL_TIMEOUT_S = 0.2
 
 
+class SharedFlag:
+    """A flag in shared memory: the worker sets it, the node process reads it.
+
+    It replaces `multiprocessing.Event`, whose semaphore outlives a worker
+    killed with SIGKILL and makes the resource tracker warn about a leak.
+    """
+
+    def __init__(self, context: Any) -> None:
+        self.cell = context.RawValue("b", 0)
+
+    def set(self) -> None:
+        self.cell.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self.cell.value)
+
+
 @dataclass(frozen=True, slots=True)
 class NodeLaunch:
     """What a worker passes to a new node process."""
@@ -141,7 +157,7 @@ def counters_to_stats(counters: Sequence[int]) -> dict[str, Any]:
 def node_main(
     launch: NodeLaunch,
     status: Connection,
-    complete: Event,
+    complete: SharedFlag,
     counters: Any,
     in_flight: Any,
 ) -> None:
@@ -225,7 +241,7 @@ class NodeRunner:
         launch: NodeLaunch,
         recipe: Recipe,
         status: Connection,
-        complete: Event,
+        complete: SharedFlag,
         counters: Any,
         in_flight: Any = None,
     ) -> None:
@@ -280,10 +296,19 @@ class NodeRunner:
                 outcome = self._run_consumer()
         finally:
             self.lease_keeper.stop()
-            if self.spec.teardown is not None:
-                self.spec.teardown(self.context)
+            self._teardown()
             self.stream.close()
         return outcome
+
+    def _teardown(self) -> None:
+        if self.spec.teardown is None:
+            return
+        try:
+            self.spec.teardown(self.context)
+        except Exception:
+            # Every item is acked by now: a failed teardown loses nothing, so
+            # the node keeps its outcome instead of crashing and restarting.
+            logger.exception("teardown of node %s failed", self.launch.node_id)
 
     # Sources.
 
@@ -433,6 +458,9 @@ class NodeRunner:
         self._publish(batch)
         # Ack only after publishing: a crash in between redelivers the batch.
         self.stream.ack(deliveries)
+        if not (batch.outgoing or batch.retries):
+            # A sink's batch publishes nothing, and counts all the same.
+            self.counters[BATCHES] += 1
         self.lease_keeper.deliveries = []
         logger.debug(
             "batch done node=%s in=%d out=%d failed=%d",

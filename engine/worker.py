@@ -47,6 +47,7 @@ from engine.runtime import (
     COUNTER_SLOTS,
     IN_FLIGHT_BYTES,
     NodeLaunch,
+    SharedFlag,
     counters_to_stats,
     node_main,
 )
@@ -159,13 +160,22 @@ class Worker:
         Raises `ProtocolError` when the master cannot be reached within the
         connect timeout or rejects this worker's secret.
         """
+        has_own_stream = self.stream_url is not None
+        if has_own_stream:
+            # A stream of the worker's own fails before the master is bothered.
+            self._check_stream()
         connection = self._open_connection(self.connect_timeout_s)
         self._register(connection)
         try:
-            self._check_stream()
+            if not has_own_stream:
+                self._check_stream()
         except EngineError as exc:
-            self._send(mmop.WorkerStopping(worker_id=self.worker_id, reason=str(exc)))
+            with contextlib.suppress(ProtocolError, OSError):
+                connection.send(
+                    mmop.WorkerStopping(worker_id=self.worker_id, reason=str(exc))
+                )
             connection.close()
+            self.connection = None
             raise
 
     def _check_stream(self) -> None:
@@ -185,6 +195,9 @@ class Worker:
                 return mmop.connect(host, port, self.secret, timeout_s=5.0)
             except mmop.AuthenticationError:
                 raise
+            except mmop.ConnectionFailedError:
+                if time.monotonic() + delay_s > deadline:
+                    raise
             except (ProtocolError, OSError) as exc:
                 if time.monotonic() + delay_s > deadline:
                     raise ProtocolError(
@@ -476,7 +489,7 @@ class Worker:
             recipe=recipe,
             header=header,
             process_index=_process_index(node_id),
-            complete=self.context.Event(),
+            complete=SharedFlag(self.context),
             counters=self.context.RawArray("q", COUNTER_SLOTS),
             in_flight=self.context.RawArray("c", IN_FLIGHT_BYTES),
         )

@@ -1,7 +1,7 @@
 """The quick bench runs every scenario and reports a figure or a skip for each.
 
-These tests check that scripts/bench.py runs and measures, never how fast
-anything is: timings on a shared CI machine vary too much for that.
+The test checks that scripts/bench.py runs and measures. It never checks how
+fast anything is, because timings on a shared CI machine vary too much.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ PEERS = ("ray", "dask", "dramatiq")
 
 
 def run_quick_bench(json_path: Path) -> str:
-    """Run `scripts/bench.py --quick --json json_path`; return its output."""
+    """Run `scripts/bench.py --quick --json json_path` and return its output."""
     try:
         result = subprocess.run(
             [sys.executable, str(BENCH), "--quick", "--json", str(json_path)],
@@ -83,8 +83,8 @@ def run_quick_bench(json_path: Path) -> str:
     return output
 
 
-# One test for the whole bench, so that it runs once even under pytest-xdist;
-# the default timeout of 120 s would end it before the bench's own timeout.
+# One test for the whole bench, so that it runs once even under pytest-xdist.
+# The default timeout of 120 s would end it before the bench's own timeout.
 @pytest.mark.timeout(BENCH_TIMEOUT_S + 60)
 def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
     has_rabbitmq = is_listening("127.0.0.1", 5672)

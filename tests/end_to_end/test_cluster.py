@@ -22,7 +22,7 @@ from tests.end_to_end.test_wordcount import expected_counts, make_corpus, read_c
 from tests.end_to_end.test_wordcount_postgres import (
     read_counts as read_postgres_counts,
 )
-from tests.helpers import POSTGRES_DSN, require_service, wait_for
+from tests.helpers import POSTGRES_DSN, is_listening, require_service, wait_for
 
 WORDCOUNT = str(EXAMPLES / "wordcount.py")
 API_OFF = ("--api", "off")
@@ -65,12 +65,12 @@ class Cluster:
         self.processes: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
-    def start(self, *args: str, name: str) -> subprocess.Popen:
+    def start(self, *args: str, name: str, cwd: Path | None = None) -> subprocess.Popen:
         log = self.tmp_path / f"{name}.log"
         with log.open("w") as output:
             process = subprocess.Popen(
                 [engine_command(), *args],
-                cwd=self.tmp_path,
+                cwd=cwd or self.tmp_path,
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -92,7 +92,9 @@ class Cluster:
             name="master",
         )
 
-    def start_worker(self, name: str, *args: str) -> subprocess.Popen:
+    def start_worker(
+        self, name: str, *args: str, cwd: Path | None = None
+    ) -> subprocess.Popen:
         return self.start(
             "worker",
             "--master",
@@ -101,6 +103,7 @@ class Cluster:
             str(self.secret_file),
             *args,
             name=name,
+            cwd=cwd,
         )
 
     def output(self) -> str:
@@ -499,3 +502,66 @@ def test_cluster_wordcount_into_postgres(
     # Fewest of the type first: one count node on each worker.
     assert sorted(spread.values()) == [1, 1]
     assert read_postgres_counts(map_reduce_lock) == expected_counts(paths)
+
+
+def test_relative_sqlite_stream_shared_by_workers(
+    tmp_path: Path, cluster, write_pipeline
+) -> None:
+    pipeline = write_pipeline(SLOW_COUNT)
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("".join(f"line{i} shared\n" for i in range(100)))
+    output = tmp_path / "counts.db"
+    master = cluster.start_master(
+        str(pipeline),
+        "--stream",
+        "sqlite:///relative/stream.db",
+        "--exit-when-done",
+        "--workers",
+        "2",
+        "-p",
+        f"input={corpus}",
+        "-p",
+        f"output={output}",
+    )
+    # Workers in other folders must still use the master's stream file.
+    for name in ("worker-a", "worker-b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        cluster.start_worker(name, cwd=folder)
+
+    assert master.wait(timeout=120) == 0, cluster.output()
+    assert _counted(output) == 100
+    assert not (tmp_path / "worker-a" / "relative").exists()
+    assert not (tmp_path / "worker-b" / "relative").exists()
+
+
+def test_loopback_master_reuses_its_secret(tmp_path: Path) -> None:
+    port = free_port()
+    arguments = ("master", "--bind", f"127.0.0.1:{port}", "--api", "off")
+
+    def start_and_stop() -> str:
+        process = subprocess.Popen(
+            [engine_command(), *arguments],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        secret = tmp_path / ".monomyth" / "secret"
+        try:
+            wait_for(secret.exists, timeout_s=30, what="the secret file")
+            wait_for(
+                lambda: is_listening("127.0.0.1", port),
+                timeout_s=30,
+                what="the master port",
+            )
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=30)
+        return secret.read_text()
+
+    first = start_and_stop()
+    second = start_and_stop()
+
+    assert first.strip()
+    assert second == first

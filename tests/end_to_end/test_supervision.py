@@ -542,3 +542,119 @@ def test_fail_queue_commands(tmp_path, write_pipeline) -> None:
     purged = run_engine("fail-queue", "purge", "failing.invert", "--yes", cwd=tmp_path)
     assert purged.returncode == 0, purged.stderr
     assert "purged 3 items" in purged.stdout
+
+
+FLAKY_UNTIL_FIXED = """
+from pathlib import Path
+
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("flaky", params={"output": "out.jsonl", "broken": ""})
+
+
+@pipeline.source()
+def numbers():
+    yield from range(20)
+
+
+@pipeline.transform(after="numbers", retries=0)
+def check(number, ctx):
+    if number % 5 == 0 and Path(ctx.params["broken"]).exists():
+        raise RuntimeError(f"service down for {number}")
+    return number
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="check")
+"""
+
+
+def test_replayed_items_processed_on_resume(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(FLAKY_UNTIL_FIXED)
+    broken = tmp_path / "broken"
+    broken.write_text("")
+    args = ("run", str(pipeline), "-p", f"broken={broken}")
+    assert run_engine(*args, cwd=tmp_path).returncode == 3
+
+    broken.unlink()
+    replayed = run_engine("fail-queue", "replay", "flaky.check", cwd=tmp_path)
+    assert "replayed 4 items" in replayed.stdout
+    refused = run_engine(*args, cwd=tmp_path)
+    resumed = run_engine(*args, "--resume", cwd=tmp_path)
+
+    assert refused.returncode == 1
+    assert "--resume" in refused.stderr
+    assert resumed.returncode == 0, resumed.stderr
+    written = sorted(int(n) for n in (tmp_path / "out.jsonl").read_text().split())
+    assert written == list(range(20))
+
+
+def test_second_run_same_stream_refused(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(SLOW)
+    first = subprocess.Popen(
+        [engine_command(), "run", str(pipeline)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: (tmp_path / "out.jsonl").exists(),
+            timeout_s=60,
+            what="the first run to write",
+        )
+        second = run_engine("run", str(pipeline), "--purge", cwd=tmp_path)
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=60)
+
+    assert second.returncode == 1
+    assert "another engine run of pipeline 'slow'" in second.stderr
+    assert f"pid {first.pid}" in second.stderr
+
+
+def test_repeated_parameter_exits_2(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(SLOW)
+
+    result = run_engine(
+        "run", str(pipeline), "-p", "output=a", "-p", "output=b", cwd=tmp_path
+    )
+
+    assert result.returncode == 2
+    assert "parameter 'output' given twice" in result.stderr
+
+
+FAILING_TEARDOWN = """
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("teardown", params={"output": "out.jsonl"})
+
+
+def close(ctx):
+    raise OSError("socket already closed")
+
+
+@pipeline.source()
+def numbers():
+    yield from range(10)
+
+
+@pipeline.transform(after="numbers", teardown=close)
+def same(number):
+    return number
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="same")
+"""
+
+
+def test_failing_teardown_keeps_node_completed(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(FAILING_TEARDOWN)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "teardown of node teardown.same#1 failed" in result.stderr
+    assert "OSError: socket already closed" in result.stderr
+    assert re.search(r"same\s+completed", result.stdout)
