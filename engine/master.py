@@ -378,7 +378,7 @@ class Master:
             return
         try:
             worker.connection.send(message)
-        except OSError as exc:
+        except (OSError, ProtocolError) as exc:
             logger.warning(
                 "sending %s to worker %s failed: %s",
                 mmop.wire_name(message),
@@ -431,7 +431,7 @@ class Master:
                     continue
                 with self.lock:
                     worker = self._handle(connection, worker, message)
-        except OSError as exc:
+        except (OSError, ProtocolError) as exc:
             logger.warning("connection from %s:%d failed: %s", *address[:2], exc)
         finally:
             connection.close()

@@ -281,11 +281,13 @@ class Worker:
             return
         try:
             connection.send(message)
-        except OSError as exc:
+        except (OSError, ProtocolError) as exc:
             logger.warning(
                 "sending %s to master failed: %s", mmop.wire_name(message), exc
             )
-            self.outbox.append(message)
+            # A stale heartbeat is worth nothing after a reconnect.
+            if not isinstance(message, mmop.Heartbeat):
+                self.outbox.append(message)
 
     def _on_disconnected(self, connection: mmop.Connection) -> None:
         if connection is not self.connection:
