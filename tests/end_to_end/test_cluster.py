@@ -565,3 +565,74 @@ def test_loopback_master_reuses_its_secret(tmp_path: Path) -> None:
 
     assert first.strip()
     assert second == first
+
+
+DRAINING = """
+import time
+from pathlib import Path
+
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("draining", params={"output": "out.jsonl", "marks": ""})
+
+
+def mark_teardown(ctx):
+    with Path(ctx.params["marks"]).open("a") as file:
+        file.write(ctx.node + "\\n")
+
+
+@pipeline.source(batch_size=50)
+def numbers():
+    yield from range(3000)
+
+
+@pipeline.transform(after="numbers", batch_size=5, teardown=mark_teardown)
+def slow(number):
+    time.sleep(0.01)
+    return number
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="slow")
+"""
+
+
+def test_sigterm_drains_worker(tmp_path: Path, cluster, write_pipeline) -> None:
+    pipeline = write_pipeline(DRAINING)
+    output = tmp_path / "out.jsonl"
+    marks = tmp_path / "marks.txt"
+    cluster.start_master(
+        str(pipeline),
+        "--stream",
+        f"sqlite:///{tmp_path}/stream.db",
+        "-p",
+        f"output={output}",
+        "-p",
+        f"marks={marks}",
+    )
+    worker = cluster.start_worker("worker-a")
+    wait_for(
+        lambda: output.exists() and len(output.read_text().splitlines()) >= 100,
+        timeout_s=60,
+        what="100 items written",
+    )
+    wait_for(
+        lambda: "node draining.numbers#1 completed" in cluster.output(),
+        timeout_s=60,
+        what="the source to publish all its items",
+    )
+
+    worker.send_signal(signal.SIGTERM)
+
+    assert worker.wait(timeout=60) == 0, cluster.output()
+    assert "slow" in marks.read_text().split()
+    written = [int(n) for n in output.read_text().split()]
+    stream_db = tmp_path / "stream.db"
+    with sqlite3.connect(stream_db) as connection:
+        pending = connection.execute(
+            "SELECT count(*) FROM messages WHERE queue IN (?, ?)",
+            ("draining.numbers-to-slow", "draining.slow-to-write"),
+        ).fetchone()[0]
+    connection.close()
+    assert len(set(written)) == len(written)
+    assert len(written) + pending == 3000

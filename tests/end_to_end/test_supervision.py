@@ -658,3 +658,39 @@ def test_failing_teardown_keeps_node_completed(tmp_path, write_pipeline) -> None
     assert "teardown of node teardown.same#1 failed" in result.stderr
     assert "OSError: socket already closed" in result.stderr
     assert re.search(r"same\s+completed", result.stdout)
+
+
+GROWING = """
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("growing", params={"output": "out.jsonl"})
+HOARD = []
+
+
+@pipeline.source(batch_size=10)
+def numbers():
+    yield from range(60)
+
+
+@pipeline.transform(after="numbers", batch_size=10, max_memory_bytes=150_000_000)
+def hoard(number):
+    # Each item keeps 8 MB alive, so the process passes its limit every
+    # few batches and must be recycled between batches.
+    HOARD.append(bytearray(8_000_000))
+    return number
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="hoard")
+"""
+
+
+def test_node_over_memory_limit_recycled(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(GROWING)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "node growing.hoard#1 recycled: resident memory" in result.stderr
+    written = sorted(int(n) for n in (tmp_path / "out.jsonl").read_text().split())
+    assert written == list(range(60))
