@@ -147,6 +147,14 @@ class ChosenSink:
             self.chosen.teardown(ctx)
 
 
+def merge_counts(batch: list) -> list:
+    """Return the word counts of a batch of chunks as one count."""
+    total: Counter = Counter()
+    for counts in batch:
+        total.update(counts)
+    return [total]
+
+
 pipeline.add(
     "sink",
     "store",
@@ -161,6 +169,8 @@ pipeline.add(
                 rows=lambda counts: counts.items(),
                 # Skips a chunk's counts applied before a crash redelivered it.
                 dedupe=True,
+                # One upsert per distinct word of a batch, not per chunk.
+                combine=merge_counts,
             ),
             # NOTE: PostgreSQL text cannot contain the NUL character, so a
             # chunk with a NUL in a word fails and goes to the fail queue.

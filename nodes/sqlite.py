@@ -57,6 +57,11 @@ class SQLiteSink:
     changes nothing. The ids come from `ctx.item_ids`, which the engine sets
     for each batch.
 
+    `combine(items)`, when given, merges the new items of a batch (after
+    dedupe) into fewer items before their rows are built, such as the word
+    counts of many chunks into one count: fewer rows to upsert, and the batch
+    still applies in one transaction.
+
     When the database is locked, SQLite waits up to `busy_timeout_s` seconds,
     and then the sink retries the transaction up to `max_retries` times with
     exponential backoff from 0.05 s to at most 2 s. The last failure raises
@@ -73,6 +78,7 @@ class SQLiteSink:
         schema: str | Sequence[str] | Param = (),
         dedupe: bool | Param = False,
         *,
+        combine: Callable[[list[Any]], list[Any]] | None = None,
         busy_timeout_s: float = 5.0,
         max_retries: int = 5,
     ) -> None:
@@ -87,6 +93,11 @@ class SQLiteSink:
                 f"invalid rows={rows!r} for SQLiteSink: expected a function "
                 "from an item to its parameter rows, such as "
                 "rows=lambda counts: counts.items()"
+            )
+        if combine is not None and not callable(combine):
+            raise ParameterError(
+                f"invalid combine={combine!r} for SQLiteSink: expected a function "
+                "from the list of a batch's items to a list of merged items"
             )
         if busy_timeout_s < 0:
             raise ParameterError(
@@ -107,6 +118,7 @@ class SQLiteSink:
         self.path = path
         self.statement = statement
         self.rows = rows
+        self.combine = combine
         self.schema = schema
         self.dedupe = dedupe
         self.busy_timeout_s = busy_timeout_s
@@ -195,7 +207,8 @@ class SQLiteSink:
             pending = items
             if item_ids is not None:
                 pending = self._claim_new_items(connection, items, item_ids)
-            connection.executemany(self._statement, self._iter_rows(pending))
+            merged = self.combine(pending) if self.combine and pending else pending
+            connection.executemany(self._statement, self._iter_rows(merged))
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:

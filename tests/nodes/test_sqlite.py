@@ -403,3 +403,46 @@ class CommitOnWarning(logging.Handler):
         self.warning_count += 1
         if self.connection.in_transaction:
             self.connection.execute("COMMIT")
+
+
+def merge_counts(batch: list[dict[str, int]]) -> list[dict[str, int]]:
+    merged: dict[str, int] = {}
+    for counts in batch:
+        for word, number in counts.items():
+            merged[word] = merged.get(word, 0) + number
+    return [merged]
+
+
+def test_sqlite_sink_combine_merges_new_items(tmp_path: Path) -> None:
+    database = tmp_path / "counts.db"
+    seen: list[int] = []
+
+    def combine(batch: list[dict[str, int]]) -> list[dict[str, int]]:
+        seen.append(len(batch))
+        return merge_counts(batch)
+
+    sink = SQLiteSink(
+        database,
+        UPSERT_COUNT,
+        rows=lambda counts: counts.items(),
+        schema=WORD_COUNTS_SCHEMA,
+        dedupe=True,
+        combine=combine,
+    )
+    ctx = make_context()
+    sink.setup(ctx)
+
+    ctx.item_ids = ["m1", "m2"]
+    sink([{"a": 1, "b": 2}, {"a": 3}], ctx)
+    ctx.item_ids = ["m2", "m3"]
+    sink([{"a": 3}, {"b": 1}], ctx)
+    sink.teardown(ctx)
+
+    assert read_counts(database) == {"a": 4, "b": 3}
+    # The second batch reached combine without its item applied before.
+    assert seen == [2, 1]
+
+
+def test_sqlite_sink_rejects_uncallable_combine(tmp_path: Path) -> None:
+    with pytest.raises(ParameterError, match="invalid combine=3 for SQLiteSink"):
+        SQLiteSink(tmp_path / "x.db", UPSERT_COUNT, combine=3)  # type: ignore[arg-type]
