@@ -1,6 +1,6 @@
 """`engine fail-queue`: list, show, replay or purge a node's failed items.
 
-A node's fail queue holds the items whose processing raised more often than
+A node's fail queue contains the items whose processing raised more often than
 the node's retries allow, each with its error history. Reading the queue
 puts every item back, so listing changes nothing.
 """
@@ -115,7 +115,7 @@ def _open(node: str, stream_url: str | None) -> tuple[Stream, str]:
     type=click.IntRange(min=1),
     default=100,
     show_default=True,
-    help="Most items to list.",
+    help="Maximum number of items to list.",
 )
 def list_items(node: str, stream_url: str | None, limit: int) -> None:
     """List the failed items of NODE: id, attempts and last error."""
@@ -167,7 +167,7 @@ def replay(node: str, item_ids: tuple[str, ...], stream_url: str | None) -> None
 
     A replayed item starts again at attempt 1 and keeps its error history.
     A running pipeline processes it; otherwise run `engine run PIPELINE.py
-    --resume`, which processes what the stream holds without running the
+    --resume`, which processes what the stream contains without running the
     sources again.
     """
     stream, queue = _open(node, stream_url)

@@ -1,4 +1,4 @@
-"""The master: holds the recipes, places nodes on workers, cascades completion.
+"""The master: stores the recipes, places nodes on workers, cascades completion.
 
     engine-master or engine run         Master
     ├── thread mmop-accept              accepts connections and authenticates
@@ -65,7 +65,7 @@ class TypeState(enum.Enum):
 
 
 class WorkerState(enum.Enum):
-    """A worker as the master sees it."""
+    """A worker's state, as the master tracks it."""
 
     JOINED = "joined"
     STOPPING = "stopping"
@@ -167,7 +167,7 @@ class Master:
         self.worker_numbers = itertools.count(1)
         self.listener: socket.socket | None = None
         self.is_closed = False
-        # Set once every worker was told to shut down: nothing moves any more.
+        # Set once SHUTDOWN was sent to every worker: no node moves any more.
         self.is_stopping = False
         # Nodes an operator stopped: never started again elsewhere.
         self.stop_requested_ids: set[str] = set()
@@ -250,7 +250,7 @@ class Master:
         """Start every node type of pipeline `name` with its declared processes.
 
         With `run_sources` false, the sources count as completed at once, so
-        the other nodes process what the stream holds already and complete.
+        the other nodes process what the stream contains already and complete.
         Nodes wait in the queued state until a worker joins. Returns the new
         node ids.
         """
@@ -598,7 +598,7 @@ class Master:
             )
             return
         if node.worker_id != worker.worker_id:
-            # A report from a copy this master told to stop (see _adopt_nodes).
+            # A report from a copy that this master sent STOP-NODE (see _adopt_nodes).
             logger.debug(
                 "%s for node %s from %s ignored: the node runs on %s",
                 mmop.wire_name(message),

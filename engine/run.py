@@ -50,7 +50,7 @@ REFRESH_INTERVAL_S = 0.5
 
 @dataclass(frozen=True, slots=True)
 class RunOutcome:
-    """How a run ended."""
+    """The outcome of a run."""
 
     # One of "completed", "failed", "interrupted".
     status: str

@@ -2,7 +2,7 @@
 
 A worker starts `node_main` in a new process for each node. The process loads
 its recipe, opens its own stream connection, runs the `setup` hook and then
-loops until its task completes or it is told to stop:
+loops until its task completes or its worker stops it:
 
 - a source publishes what its generator yields, batch by batch, and
   completes when the generator is exhausted;
@@ -86,7 +86,7 @@ BATCH_DURATION_BUCKETS_S = (
 BATCH_DURATION_COUNTS = 8
 COUNTER_SLOTS = BATCH_DURATION_COUNTS + len(BATCH_DURATION_BUCKETS_S) + 1
 
-# Size of the shared memory that holds the id of the item in flight.
+# Size of the shared memory that contains the id of the item in flight.
 IN_FLIGHT_BYTES = 256
 
 
@@ -117,7 +117,7 @@ class SharedFlag:
 
 @dataclass(frozen=True, slots=True)
 class NodeLaunch:
-    """What a worker passes to a new node process."""
+    """The arguments that a worker passes to a new node process."""
 
     node_id: str
     worker_id: str
@@ -247,7 +247,7 @@ class NodeRunner:
     ) -> None:
         self.launch = launch
         # Shared memory with the id of the item being processed, so that the
-        # worker knows which item was in flight if this process dies.
+        # worker can count a death against the item in flight.
         self.in_flight = in_flight
         self.recipe = recipe
         self.spec = recipe.spec
@@ -658,7 +658,7 @@ class NodeRunner:
 
 
 class _Batch:
-    """What processing one batch produced, published together before the ack."""
+    """The output of one batch, published together before the ack."""
 
     __slots__ = ("outgoing", "retries", "results", "failures")
 
