@@ -1,4 +1,6 @@
-"""The command line: `engine run`, `engine master`, `engine worker`.
+"""Run Monomyth pipelines: on this machine with `engine run`, or on a cluster
+with `engine master` and `engine worker`, which the operator commands
+(`engine status`, `queues`, `scale`, `fail-queue` and others) control.
 
 Exit codes:
 
