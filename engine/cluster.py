@@ -14,7 +14,7 @@ from engine.api import ControlAPI
 from engine.errors import EngineError
 from engine.loader import load_pipeline
 from engine.master import Master, TypeState
-from engine.run import run_hook
+from engine.run import lock_stream, run_hook
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ def serve_master(
         pipeline.check()
         pipelines.append((pipeline, pipeline.resolve_params(_own(pipeline, overrides))))
     stream_url = absolute_stream_url(stream_url)
+    # Held until this process ends: no engine run may share the stream file.
+    locks = [lock_stream(stream_url, pipeline.name) for pipeline, _ in pipelines]
     key = ensure_secret(host, secret, secret_file)
     if api_address is not None and secret is None and not is_loopback(api_address[0]):
         raise EngineError(
@@ -169,6 +171,9 @@ def serve_master(
         if control is not None:
             control.close()
         master.close()
+        for lock in locks:
+            if lock is not None:
+                lock.close()
     return 4 if failed else 0
 
 

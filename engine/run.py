@@ -156,37 +156,20 @@ class LocalRun:
         self.master.close()
 
     def _lock_stream(self) -> None:
-        """Hold a lock file beside a SQLite stream, so runs cannot mix items.
-
-        Raises `EngineError` when another `engine run` of the same pipeline
-        uses the same stream file.
-        """
-        if not self.stream_url.startswith("sqlite:"):
-            return
-        path = Path(sqlite_path(self.stream_url.partition("?")[0]))
-        lock_path = path.with_name(f"{path.name}.{self.pipeline.name}.lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        self.lock_file = lock_path.open("a+")
-        try:
-            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock_file.seek(0)
-            holder = self.lock_file.read().strip() or "unknown"
-            self.lock_file.close()
-            raise EngineError(
-                f"another engine run of pipeline {self.pipeline.name!r} uses the "
-                f"stream {redact_url(self.stream_url)} (pid {holder}); wait for it "
-                "to end, or give this run its own --stream"
-            ) from None
-        self.lock_file.seek(0)
-        self.lock_file.truncate()
-        self.lock_file.write(str(os.getpid()))
-        self.lock_file.flush()
+        self.lock_file = lock_stream(self.stream_url, self.pipeline.name)
 
     def _prepare_queues(self, stream: Any) -> None:
         queues = self.pipeline.data_queues()
         stream.declare(self.pipeline.all_queues())
+        if self.resume and hasattr(stream, "recover_queues"):
+            # The run lock is ours, so whoever holds these items is gone.
+            stream.recover_queues(queues)
         leftover = sum(stream.depths(queues).values())
+        if self.resume and not leftover:
+            raise EngineError(
+                f"nothing to resume: stream {redact_url(self.stream_url)} holds no "
+                f"items of pipeline {self.pipeline.name!r}; run it without --resume"
+            )
         if self.resume:
             logger.info(
                 "resuming pipeline %s with the %d items left in the stream; "
@@ -355,6 +338,37 @@ class LocalRun:
             failed_items=sum(entry["failures"] for entry in stats.values()),
             elapsed_s=elapsed_s,
         )
+
+
+def lock_stream(stream_url: str, pipeline: str) -> Any:
+    """Take the lock file of a pipeline on a SQLite stream, so runs cannot mix.
+
+    Returns the open lock file, which holds the lock until it is closed or
+    the process ends, or None for other streams. Raises `EngineError` when
+    another `engine run` or `engine master` of the pipeline uses the file.
+    """
+    if not stream_url.startswith("sqlite:"):
+        return None
+    path = Path(sqlite_path(stream_url.partition("?")[0]))
+    lock_path = path.with_name(f"{path.name}.{pipeline}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = lock_path.open("a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "unknown"
+        lock_file.close()
+        raise EngineError(
+            f"another run of pipeline {pipeline!r} uses the stream "
+            f"{redact_url(stream_url)} (pid {holder}); wait for it to end, or "
+            "give this run its own --stream"
+        ) from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(str(os.getpid()))
+    lock_file.flush()
+    return lock_file
 
 
 def run_hook(hook: Any, params: dict[str, Any], kind: str, pipeline: str) -> None:

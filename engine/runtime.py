@@ -183,8 +183,12 @@ def node_main(
         logger.exception("node %s crashed", launch.node_id)
         status.send(("error", f"{type(exc).__name__}: {exc}"))
         os._exit(1)
-    status.send(outcome)
-    status.close()
+    try:
+        status.send(outcome)
+        status.close()
+    except OSError:
+        # The worker died first; the node drained and has nothing to report to.
+        logger.info("node %s %s; its worker is gone", launch.node_id, outcome[0])
 
 
 def _ask_for_sigterm_on_parent_death() -> None:

@@ -386,6 +386,30 @@ class SQLiteStream:
             logger.info("recovered %d messages pulled by owner %s", count, owner)
         return count
 
+    def recover_queues(self, queues: Sequence[str]) -> int:
+        """Make every pulled, unacked message of `queues` visible now.
+
+        Use it only when no live process pulls from these queues, such as at
+        the start of a run that holds the pipeline's run lock: it takes the
+        messages away from whoever holds them. Returns the count.
+        """
+        names = list(queues)
+        if not names:
+            return 0
+        marks = ", ".join("?" for _ in names)
+
+        def release(connection: sqlite3.Connection) -> int:
+            return connection.execute(
+                "UPDATE messages SET owner = NULL, visible_at = ? "
+                f"WHERE owner IS NOT NULL AND queue IN ({marks})",
+                (time.time(), *names),
+            ).rowcount
+
+        count = self._write("recover", release)
+        if count:
+            logger.info("recovered %d messages pulled by processes gone", count)
+        return count
+
     def close(self) -> None:
         """Close the stream and make the messages it pulled and did not ack visible.
 

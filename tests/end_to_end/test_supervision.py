@@ -609,7 +609,7 @@ def test_second_run_same_stream_refused(tmp_path, write_pipeline) -> None:
         first.wait(timeout=60)
 
     assert second.returncode == 1
-    assert "another engine run of pipeline 'slow'" in second.stderr
+    assert "another run of pipeline 'slow'" in second.stderr
     assert f"pid {first.pid}" in second.stderr
 
 
@@ -694,3 +694,42 @@ def test_node_over_memory_limit_recycled(tmp_path, write_pipeline) -> None:
     assert "node growing.hoard#1 recycled: resident memory" in result.stderr
     written = sorted(int(n) for n in (tmp_path / "out.jsonl").read_text().split())
     assert written == list(range(60))
+
+
+def test_resume_after_killed_nodes_finishes(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(SLOW)
+    output = tmp_path / "out.jsonl"
+    process = subprocess.Popen(
+        [engine_command(), "run", str(pipeline)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: output.exists() and len(output.read_text().splitlines()) >= 50,
+            timeout_s=60,
+            what="50 items written by the sink",
+        )
+        # Two interrupts kill the nodes while they hold leased items.
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    resumed = run_engine("run", str(pipeline), "--resume", cwd=tmp_path)
+
+    assert resumed.returncode == 0, resumed.stderr
+    written = {int(n) for n in output.read_text().split()}
+    assert written == set(range(2000))
+
+
+def test_resume_with_nothing_left_fails(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(SLOW)
+
+    result = run_engine("run", str(pipeline), "--resume", cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert "nothing to resume" in result.stderr
