@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import secrets
@@ -158,6 +159,39 @@ class LocalRun:
     def _lock_stream(self) -> None:
         self.lock_file = lock_stream(self.stream_url, self.pipeline.name)
 
+    def _sources_file(self) -> Path | None:
+        """Return the file that names the sources an unfinished run cut off."""
+        if not self.stream_url.startswith("sqlite:"):
+            return None
+        path = Path(sqlite_path(self.stream_url.partition("?")[0]))
+        return path.with_name(f"{path.name}.{self.pipeline.name}.unfinished")
+
+    def _record_unfinished_sources(self, stats: dict, outcome: str) -> None:
+        path = self._sources_file()
+        if path is None:
+            return
+        unfinished = [
+            entry["node"]
+            for entry in stats.values()
+            if entry["kind"] == "source" and entry["state"] != "completed"
+        ]
+        if outcome == "completed" or not unfinished:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(json.dumps(unfinished))
+
+    def _warn_unfinished_sources(self) -> None:
+        path = self._sources_file()
+        if path is None or not path.exists():
+            return
+        names = ", ".join(repr(name) for name in json.loads(path.read_text()))
+        message = (
+            f"the earlier run stopped before its sources {names} finished; "
+            "--resume processes only the items they had published"
+        )
+        logger.warning(message)
+        self.display.print(f"warning: {message}")
+
     def _prepare_queues(self, stream: Any) -> None:
         queues = self.pipeline.data_queues()
         stream.declare(self.pipeline.all_queues())
@@ -165,6 +199,8 @@ class LocalRun:
             # The run lock is ours, so whoever holds these items is gone.
             stream.recover_queues(queues)
         leftover = sum(stream.depths(queues).values())
+        if self.resume:
+            self._warn_unfinished_sources()
         if self.resume and not leftover:
             raise EngineError(
                 f"nothing to resume: stream {redact_url(self.stream_url)} holds no "
@@ -325,6 +361,7 @@ class LocalRun:
             outcome = "completed"
             # Every edge queue is empty now; the fail queues stay for inspection.
             stream.delete_queues(self.pipeline.data_queues())
+        self._record_unfinished_sources(stats, outcome)
         self.display.print(
             format_summary(self.pipeline.name, stats, fail_depths, elapsed_s, outcome)
         )

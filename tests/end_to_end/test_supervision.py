@@ -733,3 +733,52 @@ def test_resume_with_nothing_left_fails(tmp_path, write_pipeline) -> None:
 
     assert result.returncode == 1
     assert "nothing to resume" in result.stderr
+
+
+SLOW_SOURCE = """
+import time
+
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("trickle", params={"output": "out.jsonl"})
+
+
+@pipeline.source(batch_size=1)
+def numbers():
+    for number in range(10_000):
+        time.sleep(0.01)
+        yield number
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="numbers")
+"""
+
+
+def test_resume_warns_about_cut_off_source(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(SLOW_SOURCE)
+    output = tmp_path / "out.jsonl"
+    process = subprocess.Popen(
+        [engine_command(), "run", str(pipeline)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: output.exists() and len(output.read_text().splitlines()) >= 20,
+            timeout_s=60,
+            what="20 items written by the sink",
+        )
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    resumed = run_engine("run", str(pipeline), "--resume", cwd=tmp_path)
+
+    output_text = resumed.stdout + resumed.stderr
+    assert "before its sources 'numbers' finished" in output_text
+    assert resumed.returncode == 1
+    assert "nothing to resume" in resumed.stderr
