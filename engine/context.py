@@ -1,4 +1,4 @@
-"""What a node's functions and hooks see of the run: `NodeContext` and `param`."""
+"""The run as a node's functions and hooks access it: `NodeContext` and `param`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class Param:
     """A placeholder for a run parameter, resolved in each node process.
 
     Built-in nodes take a `Param` wherever they take a value, so that a
-    pipeline file can say `SQLiteSink(path=param("output"))` and leave the
+    pipeline file can write `SQLiteSink(path=param("output"))` and leave the
     value to `engine run -p output=counts.db`.
     """
 

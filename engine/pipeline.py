@@ -44,7 +44,7 @@ PIPELINE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 @dataclass(frozen=True, slots=True)
 class NodeSettings:
-    """How a node runs: batching, processes, retries and supervision."""
+    """The settings of a node: batching, processes, retries and supervision."""
 
     batch_size: int = 100
     # Seconds to wait for a batch to fill before processing what has arrived.
@@ -369,7 +369,7 @@ class Pipeline:
         return f"{self.name}.{source}-to-{target}"
 
     def fail_queue(self, node: str) -> str:
-        """Return the queue that holds the items that failed in `node`."""
+        """Return the queue that contains the items that failed in `node`."""
         return f"{self.name}.{node}-fail"
 
     def input_queues(self, node: str) -> list[str]:

@@ -474,7 +474,7 @@ class Shutdown(Message):
 @_register
 @dataclass(frozen=True, slots=True)
 class Ping(Message):
-    """A liveness probe, which the worker answers with `Pong` and the same nonce."""
+    """A liveness probe, to which the worker replies with `Pong` and the same nonce."""
 
     nonce: int
 

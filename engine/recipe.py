@@ -1,7 +1,7 @@
 """Recipes: everything a worker needs to run a node, serialized on the master.
 
 A recipe is a JSON header line followed by the cloudpickled `Recipe`. The
-header holds what the worker reads without running any code (the Python
+header contains what the worker reads without running any code (the Python
 version, the node's type and settings); only the node process unpickles the
 body, so that a recipe that fails to load fails that node alone.
 """
@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """One outgoing edge of a node, as its process sees it."""
+    """One outgoing edge of a node, as its process uses it."""
 
     target: str
     queue: str
@@ -153,7 +153,7 @@ def load_recipe(data: bytes) -> Recipe:
         ) from exc
     if not isinstance(recipe, Recipe):
         raise RecipeError(
-            f"recipe of node type {header.node_type!r} holds a "
+            f"recipe of node type {header.node_type!r} contains a "
             f"{type(recipe).__name__}, not a Recipe"
         )
     return recipe

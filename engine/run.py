@@ -41,7 +41,7 @@ from engine.errors import EngineError, ParameterError
 from engine.loader import load_pipeline
 from engine.master import Master, TypeState
 from engine.progress import ProgressDisplay, format_summary
-from engine.streams import open_stream, redact_url, sqlite_path
+from engine.streams import open_stream, redact_url, sqlite_file
 
 logger = logging.getLogger(__name__)
 
@@ -161,9 +161,9 @@ class LocalRun:
 
     def _sources_file(self) -> Path | None:
         """Return the file that names the sources an unfinished run cut off."""
-        if not self.stream_url.startswith("sqlite:"):
+        path = sqlite_file(self.stream_url)
+        if path is None:
             return None
-        path = Path(sqlite_path(self.stream_url.partition("?")[0]))
         return path.with_name(f"{path.name}.{self.pipeline.name}.unfinished")
 
     def _record_unfinished_sources(self, stats: dict, outcome: str) -> None:
@@ -196,14 +196,15 @@ class LocalRun:
         queues = self.pipeline.data_queues()
         stream.declare(self.pipeline.all_queues())
         if self.resume and hasattr(stream, "recover_queues"):
-            # The run lock is ours, so whoever holds these items is gone.
+            # This run holds the run lock, so the processes that leased these items
+            # are gone.
             stream.recover_queues(queues)
         leftover = sum(stream.depths(queues).values())
         if self.resume:
             self._warn_unfinished_sources()
         if self.resume and not leftover:
             raise EngineError(
-                f"nothing to resume: stream {redact_url(self.stream_url)} holds no "
+                f"nothing to resume: stream {redact_url(self.stream_url)} contains no "
                 f"items of pipeline {self.pipeline.name!r}; run it without --resume"
             )
         if self.resume:
@@ -218,7 +219,7 @@ class LocalRun:
             return
         if not self.purge:
             raise EngineError(
-                f"stream {redact_url(self.stream_url)} holds {leftover} items of "
+                f"stream {redact_url(self.stream_url)} contains {leftover} items of "
                 f"pipeline {self.pipeline.name!r} left by an earlier run that did "
                 "not finish (or replayed from a fail queue); pass --resume to "
                 "process them without running the sources again, or --purge to "
@@ -384,9 +385,9 @@ def lock_stream(stream_url: str, pipeline: str) -> Any:
     the process ends, or None for other streams. Raises `EngineError` when
     another `engine run` or `engine master` of the pipeline uses the file.
     """
-    if not stream_url.startswith("sqlite:"):
+    path = sqlite_file(stream_url)
+    if path is None:
         return None
-    path = Path(sqlite_path(stream_url.partition("?")[0]))
     lock_path = path.with_name(f"{path.name}.{pipeline}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock_file = lock_path.open("a+")

@@ -1,4 +1,4 @@
-"""The worker: a process supervisor that runs the nodes the master asks for.
+"""The worker: a process supervisor that runs the nodes the master starts.
 
     engine-worker                        Worker.run: the supervision loop
     ├── thread mmop-reader               frames from the master into the inbox
@@ -64,7 +64,7 @@ MAX_OUTBOX = 10_000
 
 
 class NodeState(enum.Enum):
-    """Where a node process is in its life, as the worker sees it."""
+    """The life stage of a node process, as the worker tracks it."""
 
     STARTING = "starting"
     RUNNING = "running"
@@ -151,6 +151,8 @@ class Worker:
         self.is_reconnecting = False
         self.sigterm_count = 0
         self.is_shutting_down = False
+        # Monotonic time of the next heartbeat; 0 sends the first one at once.
+        self._next_heartbeat = 0.0
 
     # Connection to the master.
 
@@ -391,8 +393,6 @@ class Worker:
         if self.drain_deadline is not None:
             times.append(self.drain_deadline)
         return min(times) if times else now + 0.5
-
-    _next_heartbeat = 0.0
 
     def _run_timers(self, now: float) -> None:
         if now >= self._next_heartbeat:

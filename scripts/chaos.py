@@ -7,7 +7,7 @@ The script generates a corpus, starts `engine master` with the word-count
 example and two `engine worker` processes, then, at seeded random moments,
 kills with SIGKILL: node processes, one worker (and starts a new one), and
 the master (and starts it again). With `--stream rabbitmq` it also cuts every
-broker connection once, by restarting a TCP proxy that stands between the
+broker connection once, by restarting a TCP proxy that sits between the
 engine and the broker (`--restart-broker real` restarts the broker itself
 with rabbitmqctl instead, which disturbs every other user of that broker).
 At the end the counts must equal a single-process `collections.Counter`.
@@ -366,7 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--spacing",
         type=float,
         default=2.0,
-        help="Longest pause between two faults, in seconds.",
+        help="Maximum pause between two faults, in seconds.",
     )
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="Seconds the run may take."

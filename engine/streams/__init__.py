@@ -9,12 +9,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from engine.errors import StreamError
 from engine.streams.base import Delivery, Stream
 
-__all__ = ["Delivery", "Stream", "open_stream", "redact_url", "sqlite_path"]
+__all__ = [
+    "Delivery",
+    "Stream",
+    "open_stream",
+    "redact_url",
+    "sqlite_file",
+    "sqlite_path",
+]
 
 SCHEMES = ("sqlite", "amqp", "amqps")
 
@@ -63,6 +71,16 @@ def _sqlite_options(url: str, query: str) -> dict[str, object]:
                 "seconds, for example ?lease_s=60"
             ) from None
     return options
+
+
+def sqlite_file(url: str) -> Path | None:
+    """Return the database file of a SQLite stream URL, or None for other streams.
+
+    The query, such as `?lease_s=60`, is not part of the path.
+    """
+    if not url.startswith("sqlite:"):
+        return None
+    return Path(sqlite_path(url.partition("?")[0]))
 
 
 def sqlite_path(url: str) -> str:

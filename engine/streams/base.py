@@ -1,6 +1,6 @@
 """The contract that every data stream backend fulfils.
 
-A stream holds durable named queues of opaque byte messages. A node process
+A stream contains durable named queues of opaque byte messages. A node process
 opens its own stream (never one inherited across a fork), pulls a batch,
 publishes the results and then acknowledges the batch. Messages pulled by a
 process that dies without acknowledging them become visible again.

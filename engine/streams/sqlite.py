@@ -391,7 +391,7 @@ class SQLiteStream:
 
         Use it only when no live process pulls from these queues, such as at
         the start of a run that holds the pipeline's run lock: it takes the
-        messages away from whoever holds them. Returns the count.
+        messages away from the processes that leased them. Returns the count.
         """
         names = list(queues)
         if not names:

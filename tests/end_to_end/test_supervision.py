@@ -14,7 +14,7 @@ from tests.end_to_end.conftest import engine_command, run_engine
 from tests.helpers import wait_for
 
 # A word count whose map node kills its own process with SIGKILL the first
-# time it meets the chunk that holds the word "poison".
+# time it meets the chunk that contains the word "poison".
 CRASHING_WORDCOUNT = """
 import os
 import signal

@@ -288,7 +288,7 @@ def test_load_rejects_body_not_recipe() -> None:
     recipe = build_recipe(pipeline_around("double", is_even), "double", {})
     line, _, _ = recipe.partition(b"\n")
 
-    with pytest.raises(RecipeError, match="holds a int, not a Recipe"):
+    with pytest.raises(RecipeError, match="contains a int, not a Recipe"):
         load_recipe(line + b"\n" + cloudpickle.dumps(42))
 
 
