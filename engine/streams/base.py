@@ -1,14 +1,15 @@
 """The contract that every data stream backend fulfils.
 
 A stream contains durable named queues of opaque byte messages. A node process
-opens its own stream (never one inherited across a fork), pulls a batch,
-publishes the results and then acknowledges the batch. Messages pulled by a
-process that dies without acknowledging them become visible again.
+opens its own stream (never one inherited across a fork), pulls a batch, and
+settles it: publishes the results and acknowledges the batch as one step.
+Messages pulled by a process that dies without acknowledging them become
+visible again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -52,6 +53,23 @@ class Stream(Protocol):
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge messages: they are removed for good."""
+
+    def settle(
+        self,
+        deliveries: Sequence[Delivery],
+        messages: Sequence[tuple[str, bytes]],
+        delayed: Mapping[float, Sequence[tuple[str, bytes]]] | None = None,
+    ) -> bool:
+        """Publish `messages` and the `delayed` ones, and ack `deliveries`, atomically.
+
+        `delayed` maps a delay in seconds to the `(queue, body)` pairs that
+        become visible after it. Either all of it happens or none of it: a
+        process that dies during the call leaves its deliveries unacked and
+        nothing published, so that a batch's results never exist beside its
+        redelivered inputs. Returns False, with nothing published, when the
+        stream no longer holds every delivery (a lease that expired); those
+        it still holds are then made visible again.
+        """
 
     def extend_lease(self, deliveries: Sequence[Delivery]) -> None:
         """Keep pulled messages from being delivered elsewhere for a while longer."""
