@@ -1,4 +1,4 @@
-"""The loop inside a node process: pull a batch, transform, publish, then ack.
+"""The loop inside a node process: pull a batch, transform, settle.
 
 A worker starts `node_main` in a new process for each node. The process loads
 its recipe, opens its own stream connection, runs the `setup` hook and then
@@ -7,8 +7,9 @@ loops until its task completes or its worker stops it:
 - a source publishes what its generator yields, batch by batch, and
   completes when the generator is exhausted;
 - a transform or sink pulls a batch, calls the node function on each item,
-  publishes every result (and every failure record) durably, and only then
-  acknowledges the batch, so that a crash anywhere redelivers the batch.
+  and settles the batch: it publishes every result (and every failure
+  record) and acknowledges the inputs in one atomic step of the stream, so
+  that a crash anywhere redelivers the batch and leaves none of its results.
 
 The process reports to its worker over a one-way pipe: ("started",),
 ("completed", stats), ("stopped", stats), ("recycle", reason),
@@ -355,11 +356,14 @@ class NodeRunner:
             ) from None
 
     def _publish(self, batch: _Batch) -> None:
-        """Publish a batch's results, failure records and retries durably."""
+        """Publish a source batch's results and failure records durably."""
         if batch.outgoing:
             self.stream.publish(batch.outgoing)
         for delay_s, messages in batch.retries.items():
             self.stream.publish(messages, delay_s=delay_s)
+        self._count_published(batch)
+
+    def _count_published(self, batch: _Batch) -> None:
         self.counters[ITEMS_OUT] += batch.results
         self.counters[FAILURES] += batch.failures
         self.counters[RETRIES] += sum(len(m) for m in batch.retries.values())
@@ -459,13 +463,25 @@ class NodeRunner:
                     self._call_one(delivery, envelope, batch)
             self._mark_in_flight("")
 
-        self._publish(batch)
-        # Ack only after publishing: a crash in between redelivers the batch.
-        self.stream.ack(deliveries)
+        # The results and the ack of the inputs commit together. A crash
+        # before leaves nothing published and the inputs delivered again, so
+        # results never exist twice, even those a batched node combined from
+        # many inputs.
+        is_settled = self.stream.settle(deliveries, batch.outgoing, batch.retries)
+        self.lease_keeper.deliveries = []
+        if not is_settled:
+            logger.warning(
+                "node %s dropped the results of a batch of %d items, which the "
+                "stream no longer held (a lease expired or the connection was "
+                "lost); they are delivered again",
+                self.launch.node_id,
+                len(deliveries),
+            )
+            return
+        self._count_published(batch)
         if not (batch.outgoing or batch.retries):
             # A sink's batch publishes nothing, and counts all the same.
             self.counters[BATCHES] += 1
-        self.lease_keeper.deliveries = []
         logger.debug(
             "batch done node=%s in=%d out=%d failed=%d",
             self.launch.node_id,

@@ -43,8 +43,8 @@ REQUIRED_FIGURES = {
         "pool.excluded_s",
         "engine_example.included_s",
         "engine_example.excluded_s",
-        "engine_batched.included_s",
-        "engine_batched.excluded_s",
+        "engine_per_chunk.included_s",
+        "engine_per_chunk.excluded_s",
         "engine_example.over_counter.included",
     ],
     "startup": [

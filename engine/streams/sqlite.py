@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from engine.errors import StreamError, StreamUnavailableError
@@ -91,14 +91,6 @@ _SCHEMA = (
 
 _INSERT_SQL = (
     "INSERT INTO messages (queue, body, visible_at, delivery_count) VALUES (?, ?, ?, 0)"
-)
-_CLAIM_SQL = (
-    "UPDATE messages SET owner = ?, visible_at = ?, "
-    "delivery_count = delivery_count + 1 WHERE id = ?"
-)
-_DELETE_HELD_SQL = "DELETE FROM messages WHERE id = ? AND owner = ?"
-_RELEASE_HELD_SQL = (
-    "UPDATE messages SET owner = NULL, visible_at = ? WHERE id = ? AND owner = ?"
 )
 _EXTEND_HELD_SQL = "UPDATE messages SET visible_at = ? WHERE id = ? AND owner = ?"
 
@@ -190,19 +182,8 @@ class SQLiteStream:
         `pull` `delay_s` seconds later. Raises `TypeError` for a body that is
         not bytes.
         """
-        if not (math.isfinite(delay_s) and delay_s >= 0):
-            raise ValueError(f"invalid delay_s={delay_s!r}: must be 0 or more")
-        messages = list(messages)
-        for queue, body in messages:
-            if not isinstance(queue, str) or not queue:
-                raise ValueError(
-                    f"invalid queue name {queue!r}: must be a non-empty string"
-                )
-            if not isinstance(body, bytes | bytearray | memoryview):
-                raise TypeError(
-                    f"invalid message body for queue {queue!r}: expected bytes, "
-                    f"got {type(body).__name__}; encode the item first"
-                )
+        _check_delay(delay_s)
+        messages = _checked_messages(messages)
         if not messages:
             return
 
@@ -268,16 +249,68 @@ class SQLiteStream:
         if not ids:
             return
         deleted = self._write(
-            "ack",
-            lambda connection: (
-                connection.executemany(
-                    _DELETE_HELD_SQL, [(message_id, self.owner) for message_id in ids]
-                ).rowcount
-            ),
+            "ack", lambda connection: self._delete_held(connection, ids)
         )
         self._held.difference_update(ids)
         self._warn_if_lost("ack", len(ids), deleted)
         logger.debug("acked %d messages", deleted)
+
+    def settle(
+        self,
+        deliveries: Sequence[Delivery],
+        messages: Sequence[tuple[str, bytes]],
+        delayed: Mapping[float, Sequence[tuple[str, bytes]]] | None = None,
+    ) -> bool:
+        """Publish `messages` and `delayed` and ack `deliveries` in one transaction.
+
+        `delayed` maps a delay in seconds to the `(queue, body)` pairs that
+        become visible after it. A process that dies during the call commits
+        nothing, so its deliveries come back and none of the messages exist.
+        Returns False, with nothing published, when this stream's owner no
+        longer owns every delivery (a lease expired and another process
+        pulled the message, or it was acked already). The deliveries it still
+        owns are then made visible again.
+        """
+        groups = [(0.0, _checked_messages(messages))]
+        for delay_s, delayed_messages in (delayed or {}).items():
+            _check_delay(delay_s)
+            groups.append((delay_s, _checked_messages(delayed_messages)))
+        ids = _delivery_ids(deliveries)
+
+        def settle(connection: sqlite3.Connection) -> bool:
+            if ids and self._delete_held(connection, ids) < len(ids):
+                raise _LeaseLost
+            now = time.time()
+            for delay_s, group in groups:
+                if group:
+                    rows = [(queue, body, now + delay_s) for queue, body in group]
+                    connection.executemany(_INSERT_SQL, rows)
+            return True
+
+        try:
+            self._write("settle", settle)
+        except _LeaseLost:
+            released = self._write(
+                "release", lambda connection: self._release(connection, ids)
+            )
+            self._held.difference_update(ids)
+            logger.warning(
+                "settling a batch of %d messages published nothing: owner %s no "
+                "longer owns %d of them, because their lease expired and another "
+                "process pulled them; the other %d are visible again",
+                len(ids),
+                self.owner,
+                len(ids) - released,
+                released,
+            )
+            return False
+        self._held.difference_update(ids)
+        logger.debug(
+            "settled %d messages, published %d",
+            len(ids),
+            sum(len(group) for _, group in groups),
+        )
+        return True
 
     def reject(self, deliveries: Sequence[Delivery], requeue: bool) -> None:
         """Reject messages: make them visible again now, or delete them.
@@ -291,12 +324,9 @@ class SQLiteStream:
             return
 
         def update(connection: sqlite3.Connection) -> int:
-            if not requeue:
-                rows = [(message_id, self.owner) for message_id in ids]
-                return connection.executemany(_DELETE_HELD_SQL, rows).rowcount
-            now = time.time()
-            rows = [(now, message_id, self.owner) for message_id in ids]
-            return connection.executemany(_RELEASE_HELD_SQL, rows).rowcount
+            if requeue:
+                return self._release(connection, ids)
+            return self._delete_held(connection, ids)
 
         changed = self._write("reject", update)
         self._held.difference_update(ids)
@@ -560,10 +590,16 @@ class SQLiteStream:
                 parameters += [name, now, count]
             parameters.append(count)
             rows = connection.execute(_claim_query(len(names)), parameters).fetchall()
+            # One UPDATE per chunk of ids instead of one per message saves the
+            # statement overhead, a large share of the claim's cost.
             visible_at = now + self.lease_s
-            connection.executemany(
-                _CLAIM_SQL, [(self.owner, visible_at, row[0]) for row in rows]
-            )
+            for chunk in _chunks([row[0] for row in rows]):
+                connection.execute(
+                    "UPDATE messages SET owner = ?, visible_at = ?, "
+                    "delivery_count = delivery_count + 1 "
+                    f"WHERE id IN ({_marks(len(chunk))})",
+                    (self.owner, visible_at, *chunk),
+                )
             return rows
 
         rows = self._write("pull", claim)
@@ -594,14 +630,13 @@ class SQLiteStream:
         ids = sorted(self._held)
         self._held.clear()
 
-        def release(connection: sqlite3.Connection) -> int:
-            now = time.time()
-            rows = [(now, message_id, self.owner) for message_id in ids]
-            return connection.executemany(_RELEASE_HELD_SQL, rows).rowcount
-
         try:
             released = self._retry_busy(
-                "release", lambda: _run_transaction(self._connection, release)
+                "release",
+                lambda: _run_transaction(
+                    self._connection,
+                    lambda connection: self._release(connection, ids),
+                ),
             )
         except StreamError as exc:
             logger.warning(
@@ -613,6 +648,29 @@ class SQLiteStream:
             )
             return
         logger.debug("released %d unacked messages on close", released)
+
+    def _delete_held(self, connection: sqlite3.Connection, ids: list[int]) -> int:
+        """Delete the messages of `ids` that this owner owns, and return the count."""
+        deleted = 0
+        for chunk in _chunks(ids):
+            deleted += connection.execute(
+                "DELETE FROM messages "
+                f"WHERE owner = ? AND id IN ({_marks(len(chunk))})",
+                (self.owner, *chunk),
+            ).rowcount
+        return deleted
+
+    def _release(self, connection: sqlite3.Connection, ids: list[int]) -> int:
+        """Make the messages of `ids` that this owner owns visible now; return the count."""
+        now = time.time()
+        released = 0
+        for chunk in _chunks(ids):
+            released += connection.execute(
+                "UPDATE messages SET owner = NULL, visible_at = ? "
+                f"WHERE owner = ? AND id IN ({_marks(len(chunk))})",
+                (now, self.owner, *chunk),
+            ).rowcount
+        return released
 
     def _warn_if_lost(self, action: str, requested: int, changed: int) -> None:
         if changed < requested:
@@ -684,6 +742,46 @@ def _unique_queue_names(queues: Iterable[str]) -> list[str]:
         if not isinstance(name, str) or not name:
             raise ValueError(f"invalid queue name {name!r}: must be a non-empty string")
     return names
+
+
+class _LeaseLost(Exception):
+    """Rolls back a settle whose deliveries this owner no longer owns."""
+
+
+# Ids per statement, well under SQLite's limit of 32,766 parameters.
+_IDS_PER_STATEMENT = 500
+
+
+def _chunks(ids: list[int]) -> Iterator[list[int]]:
+    for start in range(0, len(ids), _IDS_PER_STATEMENT):
+        yield ids[start : start + _IDS_PER_STATEMENT]
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _check_delay(delay_s: float) -> None:
+    if not (math.isfinite(delay_s) and delay_s >= 0):
+        raise ValueError(f"invalid delay_s={delay_s!r}: must be 0 or more")
+
+
+def _checked_messages(
+    messages: Sequence[tuple[str, bytes]],
+) -> list[tuple[str, bytes]]:
+    """Return `messages` as a list, after checking each queue name and body."""
+    messages = list(messages)
+    for queue, body in messages:
+        if not isinstance(queue, str) or not queue:
+            raise ValueError(
+                f"invalid queue name {queue!r}: must be a non-empty string"
+            )
+        if not isinstance(body, bytes | bytearray | memoryview):
+            raise TypeError(
+                f"invalid message body for queue {queue!r}: expected bytes, "
+                f"got {type(body).__name__}; encode the item first"
+            )
+    return messages
 
 
 def _delivery_ids(deliveries: Sequence[Delivery]) -> list[int]:

@@ -364,3 +364,84 @@ def test_publish_rejects_text_body(open_sqlite: OpenSQLite) -> None:
         stream.publish([(QUEUE, "text")])
 
     assert stream.depth(QUEUE) == 0
+
+
+def test_settle_after_lost_lease_publishes_nothing(
+    open_sqlite: OpenSQLite, caplog: pytest.LogCaptureFixture
+) -> None:
+    slow = open_sqlite(owner="slow", lease_s=0.2)
+    fast = open_sqlite(owner="fast")
+    slow.publish([(QUEUE, b"contested"), (QUEUE, b"still held")])
+    contested, held = slow.pull([QUEUE], 2, timeout_s=5)
+    slow.extend_lease([held], lease_s=3600)
+    taken = wait_for(
+        lambda: fast.pull([QUEUE], 2, timeout_s=0),
+        timeout_s=30,
+        what="the message redelivered after its lease",
+    )
+
+    with caplog.at_level(logging.WARNING, logger="engine.streams.sqlite"):
+        settled = slow.settle([contested, held], [("results", b"result")])
+
+    assert settled is False
+    assert [delivery.body for delivery in taken] == [b"contested"]
+    assert fast.depth("results") == 0
+    assert "no longer owns 1 of them" in caplog.text
+    released = fast.pull([QUEUE], 2, timeout_s=5)
+    assert [delivery.body for delivery in released] == [b"still held"]
+    fast.ack([*taken, *released])
+    assert fast.depth(QUEUE) == 0
+
+
+def settle_until_killed(path: str, paused: multiprocessing.Event) -> None:
+    """Pull 3 messages and settle them, pausing for good halfway.
+
+    Temporary triggers on this process's own connection call `pause` at the
+    first moment when the inputs are gone and a result exists, whichever of
+    the two writes comes second. The parent kills this process there.
+    """
+    stream = SQLiteStream(path, owner="settler")
+    deliveries = stream.pull([QUEUE], 3, timeout_s=30)
+
+    def pause() -> None:
+        paused.set()
+        time.sleep(60)
+
+    connection = stream._connection
+    connection.create_function("pause", 0, pause)
+    connection.execute(
+        "CREATE TEMP TRIGGER pause_after_insert AFTER INSERT ON main.messages "
+        "WHEN NEW.queue = 'results' AND NOT EXISTS "
+        f"(SELECT 1 FROM main.messages WHERE queue = '{QUEUE}') "
+        "BEGIN SELECT pause(); END"
+    )
+    connection.execute(
+        "CREATE TEMP TRIGGER pause_after_delete AFTER DELETE ON main.messages "
+        f"WHEN OLD.queue = '{QUEUE}' AND EXISTS "
+        "(SELECT 1 FROM main.messages WHERE queue = 'results') "
+        "BEGIN SELECT pause(); END"
+    )
+    stream.settle(deliveries, [("results", delivery.body) for delivery in deliveries])
+
+
+def test_settle_killed_mid_transaction_changes_nothing(
+    open_sqlite: OpenSQLite,
+) -> None:
+    stream = open_sqlite(owner="survivor")
+    bodies = [b"a", b"b", b"c"]
+    stream.publish([(QUEUE, body) for body in bodies])
+    context = multiprocessing.get_context("spawn")
+    paused = context.Event()
+    child = context.Process(target=settle_until_killed, args=(stream.path, paused))
+    child.start()
+    try:
+        assert paused.wait(timeout=60), "the settling child never reached its pause"
+    finally:
+        child.kill()
+        child.join(timeout=60)
+
+    assert stream.recover("settler") == 3
+    assert stream.depths([QUEUE, "results"]) == {QUEUE: 3, "results": 0}
+    deliveries = stream.pull([QUEUE], 3, timeout_s=5)
+    assert [delivery.body for delivery in deliveries] == bodies
+    assert all(delivery.is_redelivered for delivery in deliveries)

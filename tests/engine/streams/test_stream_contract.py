@@ -277,3 +277,64 @@ def test_stream_concurrent_consumers_ack_once(
     assert len(acked) == len(bodies)
     assert sorted(acked) == sorted(bodies)
     assert stream.depth(jobs) == 0
+
+
+def test_settle_publishes_results_and_acks_inputs(
+    stream: Stream, queue_names: QueueNames
+) -> None:
+    inputs, results = queue_names("inputs"), queue_names("results")
+    stream.declare([inputs, results])
+    publish_numbered(stream, inputs, 3)
+    deliveries = stream.pull([inputs], 3, timeout_s=FILL_TIMEOUT_S)
+
+    settled = stream.settle(
+        deliveries, [(results, delivery.body + b"!") for delivery in deliveries]
+    )
+
+    assert settled is True
+    assert stream.depths([inputs, results]) == {inputs: 0, results: 3}
+    pulled = stream.pull([results], 3, timeout_s=FILL_TIMEOUT_S)
+    assert [delivery.body for delivery in pulled] == [b"0!", b"1!", b"2!"]
+    assert stream.pull([inputs], 3, timeout_s=0.2) == []
+
+
+def test_settle_delays_delayed_messages(
+    stream: Stream, queue_names: QueueNames
+) -> None:
+    inputs, retries = queue_names("inputs"), queue_names("retries")
+    stream.declare([inputs, retries])
+    stream.publish([(inputs, b"flaky")])
+    deliveries = stream.pull([inputs], 1, timeout_s=FILL_TIMEOUT_S)
+
+    assert stream.settle(deliveries, [], {3600.0: [(retries, b"later")]})
+
+    assert stream.depths([inputs, retries]) == {inputs: 0, retries: 1}
+    assert stream.pull([retries], 1, timeout_s=0.2) == []
+
+
+def test_settle_without_deliveries_publishes(
+    stream: Stream, queue_names: QueueNames
+) -> None:
+    results = queue_names("results")
+    stream.declare([results])
+
+    assert stream.settle([], [(results, b"from a source")])
+
+    pulled = stream.pull([results], 1, timeout_s=FILL_TIMEOUT_S)
+    assert [delivery.body for delivery in pulled] == [b"from a source"]
+
+
+def test_settle_rejects_text_body_and_keeps_inputs(
+    stream: Stream, queue_names: QueueNames
+) -> None:
+    inputs, results = queue_names("inputs"), queue_names("results")
+    stream.declare([inputs, results])
+    stream.publish([(inputs, b"kept")])
+    deliveries = stream.pull([inputs], 1, timeout_s=FILL_TIMEOUT_S)
+
+    with pytest.raises(TypeError, match="expected bytes"):
+        stream.settle(deliveries, [(results, "text")])  # type: ignore[list-item]
+
+    assert stream.depths([inputs, results]) == {inputs: 1, results: 0}
+    stream.ack(deliveries)
+    assert stream.depth(inputs) == 0
