@@ -661,7 +661,7 @@ class SQLiteStream:
         return deleted
 
     def _release(self, connection: sqlite3.Connection, ids: list[int]) -> int:
-        """Make the messages of `ids` that this owner owns visible now; return the count."""
+        """Make the messages of `ids` that this owner owns visible, and count them."""
         now = time.time()
         released = 0
         for chunk in _chunks(ids):
