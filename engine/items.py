@@ -69,9 +69,20 @@ def decode(body: bytes, serializer: str) -> dict[str, Any]:
     return envelope
 
 
-def source_item_id(node: str, position: int) -> str:
-    """Return the id of the item that source `node` yielded at `position`."""
+def source_item_id(node: str, position: int, process_index: int = 0) -> str:
+    """Return the id of the item that source `node` yielded at `position`.
+
+    Each process of a source with several processes yields its own items, so
+    the ids of the processes after the first name their `process_index`.
+    """
+    if process_index:
+        return f"{node}#{process_index}:{position}"
     return f"{node}:{position}"
+
+
+def source_position_key(node_type: str, process_index: int) -> str:
+    """Return the stream key of how many items one source process published."""
+    return f"{node_type}-position-{process_index}"
 
 
 def derived_item_id(parent_id: str, node: str, index: int) -> str:

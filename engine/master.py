@@ -83,6 +83,8 @@ class NodeRecord:
     state: NodeState = NodeState.QUEUED
     pid: int | None = None
     restarts: int = 0
+    # True once a process of this node reported that it started.
+    has_started: bool = False
     last_error: str = ""
     stats: dict[str, int] = field(default_factory=dict)
     cpu_percent: float = 0.0
@@ -369,6 +371,7 @@ class Master:
             node_type=record.node_type,
             recipe=record.recipe,
             complete=is_completing,
+            resume=node.has_started,
         )
         logger.debug("START-NODE %s sent to %s", node.node_id, worker.worker_id)
         self._send(worker, message)
@@ -611,6 +614,7 @@ class Master:
         if isinstance(message, mmop.NodeStarted):
             node.state = NodeState.RUNNING
             node.pid = message.pid
+            node.has_started = True
         elif isinstance(message, mmop.NodeExited):
             node.state = NodeState.RESTARTING if message.will_restart else node.state
             if message.will_restart:

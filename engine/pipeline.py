@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from engine.errors import ParameterError, PipelineError
+from engine.items import source_position_key
 
 logger = logging.getLogger(__name__)
 
@@ -371,6 +372,15 @@ class Pipeline:
     def fail_queue(self, node: str) -> str:
         """Return the queue that contains the items that failed in `node`."""
         return f"{self.name}.{node}-fail"
+
+    def position_keys(self) -> list[str]:
+        """Return the stream keys of the sources' positions, one per process."""
+        return [
+            source_position_key(self.node_type(name), index)
+            for name, spec in self.nodes.items()
+            if spec.kind == "source"
+            for index in range(spec.settings.processes)
+        ]
 
     def input_queues(self, node: str) -> list[str]:
         """Return the queues that `node` pulls from, one per incoming edge."""

@@ -361,7 +361,9 @@ class LocalRun:
         else:
             outcome = "completed"
             # Every edge queue is empty now; the fail queues stay for inspection.
-            stream.delete_queues(self.pipeline.data_queues())
+            stream.delete_queues(
+                self.pipeline.data_queues() + self.pipeline.position_keys()
+            )
         self._record_unfinished_sources(stats, outcome)
         self.display.print(
             format_summary(self.pipeline.name, stats, fail_depths, elapsed_s, outcome)

@@ -43,6 +43,7 @@ from engine.items import (
     derived_item_id,
     encode,
     source_item_id,
+    source_position_key,
 )
 from engine.logs import configure_logging
 from engine.recipe import Output, Recipe, load_recipe
@@ -133,6 +134,9 @@ class NodeLaunch:
     crash_counts: dict[str, int] = field(default_factory=dict)
     # Signal or exit code of the last such death, for the fail record.
     last_crash: str = ""
+    # True when an earlier process of this node started: a source then skips
+    # the items that the stream records as published, instead of starting over.
+    resume_position: bool = False
 
 
 def counters_to_stats(counters: Sequence[int]) -> dict[str, Any]:
@@ -272,6 +276,8 @@ class NodeRunner:
             progress_hook=self._store_progress,
         )
         self.stream: Stream | None = None
+        # Items of a source that an earlier process of it published.
+        self.skip_count = 0
 
     def request_stop(self, signum: int = 0, frame: object = None) -> None:
         """Ask the loop to stop after the current batch (the SIGTERM handler)."""
@@ -290,8 +296,12 @@ class NodeRunner:
         if self.spec.kind != "source":
             self.lease_keeper.start()
 
+        if self.spec.kind == "source":
+            self.skip_count = self._prepare_position()
         if self.spec.setup is not None:
             self.context.state = self.spec.setup(self.context)
+        # The worker passes resume_position=True to the processes after the
+        # first that reports "started", so the position was reset for this run.
         self.status.send(("started",))
         logger.debug("node %s running pid=%d", self.launch.node_id, os.getpid())
         try:
@@ -317,29 +327,55 @@ class NodeRunner:
 
     # Sources.
 
+    def _prepare_position(self) -> int:
+        """Return how many items an earlier process of this source published.
+
+        The first process of a run starts from 0 and stores 0, so that a
+        position left by an earlier run is never read as this run's.
+        """
+        key = source_position_key(self.recipe.node_type, self.launch.process_index)
+        if not self.launch.resume_position:
+            self.stream.publish([], position=(key, 0))
+            return 0
+        published = self.stream.read_position(key)
+        if published:
+            logger.info(
+                "node %s skips the first %d items of its source, which an earlier "
+                "process published",
+                self.launch.node_id,
+                published,
+            )
+        return published
+
     def _run_source(self) -> tuple:
         items = self._call_source()
+        key = source_position_key(self.recipe.node_type, self.launch.process_index)
         batch = _Batch()
         deadline = time.monotonic() + self.spec.settings.batch_timeout_s
+        position = 0
         for position, payload in enumerate(items, start=1):
-            envelope = {
-                "id": source_item_id(self.spec.name, position - 1),
-                "attempt": 1,
-                "payload": payload,
-            }
+            # The generator must yield the same items in the same order on
+            # every run, as the item ids already assume.
+            if position <= self.skip_count:
+                continue
+            item_id = source_item_id(
+                self.spec.name, position - 1, self.launch.process_index
+            )
+            envelope = {"id": item_id, "attempt": 1, "payload": payload}
             try:
-                self._place_results(envelope["id"], [payload], batch, parent=None)
+                self._place_results(item_id, [payload], batch, parent=None)
             except Exception as exc:
                 self._fail(envelope, None, exc, batch, retry=False)
             is_full = position % self.spec.settings.batch_size == 0
             if is_full or time.monotonic() >= deadline:
-                self._publish(batch)
+                self._publish(batch, (key, position))
                 batch = _Batch()
                 deadline = time.monotonic() + self.spec.settings.batch_timeout_s
             if self._should_stop():
-                self._publish(batch)
+                self._publish(batch, (key, position))
                 return ("stopped", self.stats())
-        self._publish(batch)
+        if position > self.skip_count:
+            self._publish(batch, (key, position))
         return ("completed", self.stats())
 
     def _call_source(self) -> Iterable[Any]:
@@ -355,12 +391,10 @@ class NodeRunner:
                 "not an iterable; make it a generator function that yields items"
             ) from None
 
-    def _publish(self, batch: _Batch) -> None:
-        """Publish a source batch's results and failure records durably."""
-        if batch.outgoing:
-            self.stream.publish(batch.outgoing)
-        for delay_s, messages in batch.retries.items():
-            self.stream.publish(messages, delay_s=delay_s)
+    def _publish(self, batch: _Batch, position: tuple[str, int]) -> None:
+        """Publish a source batch and the source's new position atomically."""
+        # A source fails its items without retries, so a batch has none.
+        self.stream.publish(batch.outgoing, position=position)
         self._count_published(batch)
 
     def _count_published(self, batch: _Batch) -> None:

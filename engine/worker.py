@@ -97,6 +97,9 @@ class ManagedNode:
     restart_times: deque[float] = field(default_factory=deque)
     restart_at: float | None = None
     restarts: int = 0
+    # True once a process of this node reported that it started, here or on a
+    # worker since lost: a restarted source then resumes after its position.
+    has_started: bool = False
     last_error: str = ""
     last_crash: str = ""
     is_stop_requested: bool = False
@@ -438,7 +441,9 @@ class Worker:
     def _handle_message(self, message: mmop.Message) -> None:
         logger.debug("received %s", mmop.wire_name(message))
         if isinstance(message, mmop.StartNode):
-            self.start_node(message.node_id, message.node_type, message.recipe)
+            self.start_node(
+                message.node_id, message.node_type, message.recipe, message.resume
+            )
             if message.complete:
                 self.complete_type(message.node_type)
         elif isinstance(message, mmop.StopNode):
@@ -464,8 +469,14 @@ class Worker:
 
     # Node lifecycle.
 
-    def start_node(self, node_id: str, node_type: str, recipe: bytes) -> None:
-        """Start a process for `node_id` from its serialized recipe."""
+    def start_node(
+        self, node_id: str, node_type: str, recipe: bytes, resume: bool = False
+    ) -> None:
+        """Start a process for `node_id` from its serialized recipe.
+
+        `resume` is True when a process of this node started before on another
+        worker, so that a source resumes after the items it published.
+        """
         if node_id in self.nodes and self.nodes[node_id].state not in (
             NodeState.COMPLETED,
             NodeState.STOPPED,
@@ -494,6 +505,7 @@ class Worker:
             complete=SharedFlag(self.context),
             counters=self.context.RawArray("q", COUNTER_SLOTS),
             in_flight=self.context.RawArray("c", IN_FLIGHT_BYTES),
+            has_started=resume,
         )
         if node_type in self.completing_types:
             node.complete.set()
@@ -515,6 +527,7 @@ class Worker:
             log_format=self.log_format,
             crash_counts=dict(self.crash_counts.get(node.node_type, {})),
             last_crash=node.last_crash,
+            resume_position=node.has_started,
         )
         process = self.context.Process(
             target=node_main,
@@ -586,6 +599,7 @@ class Worker:
                 report = node.status.recv()
                 if report[0] == "started":
                     node.state = NodeState.RUNNING
+                    node.has_started = True
                     logger.info(
                         "node %s started pid=%d", node.node_id, node.process.pid
                     )

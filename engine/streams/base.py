@@ -34,13 +34,22 @@ class Stream(Protocol):
         """Create the queues if they do not exist yet."""
 
     def publish(
-        self, messages: Sequence[tuple[str, bytes]], delay_s: float = 0.0
+        self,
+        messages: Sequence[tuple[str, bytes]],
+        delay_s: float = 0.0,
+        position: tuple[str, int] | None = None,
     ) -> None:
         """Publish `(queue, body)` pairs; they are durable when this returns.
 
         With `delay_s` above 0, the messages become visible only that many
-        seconds later (for retry backoff).
+        seconds later (for retry backoff). With `position=(key, count)`, the
+        stream stores `count` under `key` atomically with the messages: a
+        source records how many items it has published, so that a restarted
+        process of it skips them.
         """
+
+    def read_position(self, key: str) -> int:
+        """Return the count last stored under `key` by `publish`, or 0."""
 
     def pull(
         self, queues: Sequence[str], max_count: int, timeout_s: float
@@ -67,8 +76,8 @@ class Stream(Protocol):
         process that dies during the call leaves its deliveries unacked and
         nothing published, so that a batch's results never exist beside its
         redelivered inputs. Returns False, with nothing published, when the
-        stream no longer holds every delivery (a lease that expired); those
-        it still holds are then made visible again.
+        stream no longer holds every delivery, as after a lost lease. The
+        deliveries it still holds are then made visible again.
         """
 
     def extend_lease(self, deliveries: Sequence[Delivery]) -> None:

@@ -81,6 +81,13 @@ _SCHEMA = (
     CREATE INDEX IF NOT EXISTS messages_by_visibility
         ON messages (queue, visible_at)
     """,
+    # The position of each source process: how many items it has published.
+    """
+    CREATE TABLE IF NOT EXISTS positions (
+        key TEXT PRIMARY KEY,
+        position INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
     # Serves `recover`. Only messages pulled and not yet acked have an owner,
     # so this index stays as small as the number of messages in flight.
     """
@@ -174,17 +181,23 @@ class SQLiteStream:
         )
 
     def publish(
-        self, messages: Sequence[tuple[str, bytes]], delay_s: float = 0.0
+        self,
+        messages: Sequence[tuple[str, bytes]],
+        delay_s: float = 0.0,
+        position: tuple[str, int] | None = None,
     ) -> None:
         """Publish `(queue, body)` pairs in one transaction.
 
         The messages are durable when this returns, and become visible to
-        `pull` `delay_s` seconds later. Raises `TypeError` for a body that is
-        not bytes.
+        `pull` `delay_s` seconds later. With `position=(key, count)`, the same
+        transaction stores `count` under `key` for `read_position`. Raises
+        `TypeError` for a body that is not bytes.
         """
         _check_delay(delay_s)
         messages = _checked_messages(messages)
-        if not messages:
+        if position is not None:
+            _check_position(position)
+        elif not messages:
             return
 
         def insert(connection: sqlite3.Connection) -> None:
@@ -192,9 +205,28 @@ class SQLiteStream:
             connection.executemany(
                 _INSERT_SQL, [(queue, body, visible_at) for queue, body in messages]
             )
+            if position is not None:
+                connection.execute(
+                    "INSERT INTO positions (key, position) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET position = excluded.position",
+                    position,
+                )
 
         self._write("publish", insert)
-        logger.debug("published %d messages delay_s=%s", len(messages), delay_s)
+        logger.debug(
+            "published %d messages delay_s=%s position=%s",
+            len(messages),
+            delay_s,
+            position,
+        )
+
+    def read_position(self, key: str) -> int:
+        """Return the count stored under `key` by `publish`, or 0 when none is."""
+        _check_position((key, 0))
+        rows = self._read(
+            "read position", "SELECT position FROM positions WHERE key = ?", [key]
+        )
+        return int(rows[0][0]) if rows else 0
 
     def pull(
         self, queues: Sequence[str], max_count: int, timeout_s: float
@@ -384,7 +416,10 @@ class SQLiteStream:
         return counts
 
     def delete_queues(self, queues: Iterable[str]) -> None:
-        """Delete the queues and every message in them, pulled or not."""
+        """Delete the queues and every message in them, pulled or not.
+
+        A name may also be a position key of `publish`, which is deleted too.
+        """
         names = _unique_queue_names(queues)
         if not names:
             return
@@ -393,6 +428,7 @@ class SQLiteStream:
             rows = [(name,) for name in names]
             connection.executemany("DELETE FROM messages WHERE queue = ?", rows)
             connection.executemany("DELETE FROM queues WHERE name = ?", rows)
+            connection.executemany("DELETE FROM positions WHERE key = ?", rows)
 
         self._write("delete queues", delete)
         logger.debug("deleted queues %s", names)
@@ -764,6 +800,16 @@ def _marks(count: int) -> str:
 def _check_delay(delay_s: float) -> None:
     if not (math.isfinite(delay_s) and delay_s >= 0):
         raise ValueError(f"invalid delay_s={delay_s!r}: must be 0 or more")
+
+
+def _check_position(position: tuple[str, int]) -> None:
+    key, count = position
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"invalid position key {key!r}: must be a non-empty string")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(
+            f"invalid position {count!r} for key {key!r}: must be an int of 0 or more"
+        )
 
 
 def _checked_messages(

@@ -795,3 +795,96 @@ def test_resume_warns_about_cut_off_source(tmp_path, write_pipeline) -> None:
     else:
         assert resumed.returncode == 1, output_text
         assert "nothing to resume" in resumed.stderr
+
+
+# A source that kills its own process with SIGKILL once, halfway through its
+# items and after the sink stored the first half, before a batched transform
+# that records the ids it receives and sums each batch into one result.
+CRASHING_SOURCE = """
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+from engine import Pipeline, param
+from nodes import SQLiteSink
+
+pipeline = Pipeline("replay", params={"marker": "", "output": "", "seen": ""})
+
+
+def stored_items(path):
+    try:
+        with sqlite3.connect(path) as database:
+            return database.execute("SELECT SUM(items) FROM totals").fetchone()[0] or 0
+    except sqlite3.OperationalError:
+        return 0  # the sink has not created the table yet
+
+
+@pipeline.source(batch_size=10)
+def numbers(ctx):
+    marker = Path(ctx.params["marker"])
+    for number in range(1000):
+        if number == 500 and not marker.exists():
+            deadline = time.monotonic() + 60
+            while stored_items(ctx.params["output"]) < 500:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield number
+
+
+@pipeline.transform(after="numbers", batched=True, batch_size=25)
+def add(numbers, ctx):
+    with open(ctx.params["seen"], "a") as seen:
+        seen.writelines(item_id + "\\n" for item_id in ctx.item_ids)
+    return [{"sum": sum(numbers), "count": len(numbers)}]
+
+
+pipeline.add(
+    "sink",
+    "store",
+    SQLiteSink(
+        path=param("output"),
+        schema="CREATE TABLE IF NOT EXISTS totals (total INTEGER, items INTEGER)",
+        statement="INSERT INTO totals VALUES (:sum, :count)",
+        dedupe=True,
+    ),
+    after="add",
+)
+"""
+
+
+def test_source_restart_skips_published_items(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(CRASHING_SOURCE)
+    marker = tmp_path / "marker"
+    output = tmp_path / "totals.db"
+    seen = tmp_path / "seen.txt"
+
+    result = run_engine(
+        "run",
+        str(pipeline),
+        "-p",
+        f"marker={marker}",
+        "-p",
+        f"output={output}",
+        "-p",
+        f"seen={seen}",
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert marker.exists()
+    seen_ids = seen.read_text().splitlines()
+    assert len(seen_ids) == 1000
+    assert len(set(seen_ids)) == 1000
+    with sqlite3.connect(output) as database:
+        total, items = database.execute(
+            "SELECT SUM(total), SUM(items) FROM totals"
+        ).fetchone()
+    database.close()
+    assert items == 1000
+    assert total == sum(range(1000))
+    assert "skips the first 500 items of its source" in result.stderr

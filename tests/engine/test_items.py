@@ -153,6 +153,11 @@ def test_source_item_id_names_node_and_position() -> None:
     assert source_item_id("read", 41) == "read:41"
 
 
+def test_source_item_id_names_later_processes() -> None:
+    assert source_item_id("read", 41, process_index=0) == "read:41"
+    assert source_item_id("read", 41, process_index=2) == "read#2:41"
+
+
 def test_derived_item_id_deterministic() -> None:
     first = derived_item_id("read:7", "count", 0)
     second = derived_item_id("read:7", "count", 0)

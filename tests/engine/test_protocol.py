@@ -58,6 +58,7 @@ from engine.protocol import (
     WorkerStopping,
     accept,
     connect,
+    decode_message,
     encode_message,
     wire_name,
 )
@@ -149,6 +150,7 @@ EXAMPLES: list[Message] = [
         node_type="wordcount.map",
         recipe=RECIPE,
         complete=True,
+        resume=True,
     ),
     StopNode(node_id="wordcount.map#3"),
     CompleteType(node_type="wordcount.map"),
@@ -1073,3 +1075,13 @@ def test_receive_survives_random_json_messages(
     assert accepted > 0
     assert rejected > 0
     assert not server.is_closed
+
+
+def test_start_node_without_resume_defaults_false() -> None:
+    body = json.loads(encode_message(EXAMPLES[12]))
+    del body["resume"]
+
+    message = decode_message(json.dumps(body).encode())
+
+    assert isinstance(message, StartNode)
+    assert message.resume is False

@@ -6,6 +6,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import re
 import signal
 import sqlite3
 import time
@@ -445,3 +446,43 @@ def test_settle_killed_mid_transaction_changes_nothing(
     deliveries = stream.pull([QUEUE], 3, timeout_s=5)
     assert [delivery.body for delivery in deliveries] == bodies
     assert all(delivery.is_redelivered for delivery in deliveries)
+
+
+def test_publish_stores_position_with_messages(open_sqlite: OpenSQLite) -> None:
+    stream = open_sqlite()
+
+    stream.publish([(QUEUE, b"a"), (QUEUE, b"b")], position=("read-position-0", 2))
+    stream.publish([], position=("read-position-0", 5))
+
+    assert stream.read_position("read-position-0") == 5
+    assert stream.read_position("read-position-1") == 0
+    assert stream.depth(QUEUE) == 2
+
+
+def test_delete_queues_deletes_position(open_sqlite: OpenSQLite) -> None:
+    stream = open_sqlite()
+    stream.publish([], position=("read-position-0", 7))
+
+    stream.delete_queues(["read-position-0"])
+
+    assert stream.read_position("read-position-0") == 0
+
+
+@pytest.mark.parametrize(
+    ("position", "expected"),
+    [
+        (("", 1), "invalid position key ''"),
+        (("key", -1), "invalid position -1 for key 'key'"),
+        (("key", 1.5), "invalid position 1.5 for key 'key'"),
+        (("key", True), "invalid position True for key 'key'"),
+    ],
+)
+def test_publish_rejects_invalid_position(
+    open_sqlite: OpenSQLite, position: tuple, expected: str
+) -> None:
+    stream = open_sqlite()
+
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        stream.publish([(QUEUE, b"a")], position=position)
+
+    assert stream.depth(QUEUE) == 0
