@@ -165,8 +165,8 @@ def cli(context: click.Context, log_level: str, log_format: str) -> None:
     "--resume",
     is_flag=True,
     help="Process the items that an earlier, unfinished run left in the "
-    "stream (or that fail-queue replay put back), without running the "
-    "sources again.",
+    "stream (or that fail-queue replay put back), and run the sources that "
+    "did not finish, which skip the items they published.",
 )
 @click.option(
     "--drain-timeout",

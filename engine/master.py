@@ -26,7 +26,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -248,13 +248,20 @@ class Master:
             self.pipelines[pipeline.name] = names
         logger.info("pipeline %s loaded with %d node types", pipeline.name, len(names))
 
-    def start_pipeline(self, name: str, run_sources: bool = True) -> list[str]:
+    def start_pipeline(
+        self,
+        name: str,
+        sources: Collection[str] | None = None,
+        resume_sources: bool = False,
+    ) -> list[str]:
         """Start every node type of pipeline `name` with its declared processes.
 
-        With `run_sources` false, the sources count as completed at once, so
-        the other nodes process what the stream contains already and complete.
-        Nodes wait in the queued state until a worker joins. Returns the new
-        node ids.
+        `sources` names the source nodes to run, all when None. The others
+        count as completed at once, so the other nodes process what the
+        stream contains already and complete. With `resume_sources`, the
+        sources skip the items that the stream records as published by an
+        earlier run. Nodes wait in the queued state until a worker joins.
+        Returns the new node ids.
         """
         with self.lock:
             if name not in self.pipelines:
@@ -265,10 +272,14 @@ class Master:
             node_ids = []
             for node_type in self.pipelines[name]:
                 record = self.types[node_type]
-                if record.kind == "source" and not run_sources:
+                if record.kind != "source":
+                    node_ids += self.start_nodes(node_type, record.processes)
+                elif sources is None or record.node in sources:
+                    node_ids += self.start_nodes(
+                        node_type, record.processes, resume=resume_sources
+                    )
+                else:
                     record.state = TypeState.COMPLETED
-                    continue
-                node_ids += self.start_nodes(node_type, record.processes)
             for node_type in self.pipelines[name]:
                 self._complete_if_ready(self.types[node_type])
             return node_ids
@@ -301,8 +312,14 @@ class Master:
             )
             return node_ids
 
-    def start_nodes(self, node_type: str, count: int = 1) -> list[str]:
-        """Queue `count` new processes of `node_type`, placed on workers when free."""
+    def start_nodes(
+        self, node_type: str, count: int = 1, resume: bool = False
+    ) -> list[str]:
+        """Queue `count` new processes of `node_type`, placed on workers when free.
+
+        With `resume`, a source skips the items that the stream records as
+        published by the process of the same number in an earlier run.
+        """
         with self.lock:
             record = self.types.get(node_type)
             if record is None:
@@ -321,7 +338,9 @@ class Master:
             for _ in range(count):
                 node_id = f"{node_type}#{record.next_number}"
                 record.next_number += 1
-                record.nodes[node_id] = NodeRecord(node_id, node_type, None)
+                record.nodes[node_id] = NodeRecord(
+                    node_id, node_type, None, has_started=resume
+                )
                 node_ids.append(node_id)
             self._place_queued()
             return node_ids

@@ -433,8 +433,9 @@ class StartNode(Message):
     recipe: bytes = field(repr=False)
     # True when the node type is already completing: drain, then finish.
     complete: bool
-    # True when a process of this node started before, on a worker since
-    # lost: a source resumes after the items the stream records as published.
+    # True when a process of this node started before, on a worker since lost
+    # or in the run that this one resumes: a source then resumes after the
+    # items the stream records as published.
     resume: bool = False
 
     def __post_init__(self) -> None:

@@ -94,6 +94,11 @@ class LocalRun:
             )
         self.purge = purge
         self.resume = resume
+        # The source nodes to run: all of them, unless --resume finds fewer
+        # unfinished.
+        self.sources_to_run: list[str] | None = [
+            name for name, spec in self.pipeline.nodes.items() if spec.kind == "source"
+        ]
         self.lock_file: Any = None
         self.drain_timeout_s = drain_timeout_s
         self.log_level = log_level
@@ -128,7 +133,9 @@ class LocalRun:
                     control.write_discovery([self.pipeline.name])
                     self.worker = self._start_worker(self.master.port, secret)
                     self.master.start_pipeline(
-                        self.pipeline.name, run_sources=not self.resume
+                        self.pipeline.name,
+                        sources=self.sources_to_run,
+                        resume_sources=self.resume,
                     )
                     with self.display:
                         status = self._watch(stream)
@@ -166,31 +173,34 @@ class LocalRun:
             return None
         return path.with_name(f"{path.name}.{self.pipeline.name}.unfinished")
 
-    def _record_unfinished_sources(self, stats: dict, outcome: str) -> None:
+    def _record_unfinished_sources(self, names: list[str]) -> None:
+        """Write the sources that this run has not finished, for a later --resume.
+
+        A run writes every source at its start, so that a run killed outright
+        leaves them all recorded, and the ones left unfinished at its end.
+        """
         path = self._sources_file()
         if path is None:
             return
-        unfinished = [
-            entry["node"]
-            for entry in stats.values()
-            if entry["kind"] == "source" and entry["state"] != "completed"
-        ]
-        if outcome == "completed" or not unfinished:
-            path.unlink(missing_ok=True)
+        if names:
+            path.write_text(json.dumps(names))
         else:
-            path.write_text(json.dumps(unfinished))
+            path.unlink(missing_ok=True)
 
-    def _warn_unfinished_sources(self) -> None:
+    def _read_unfinished_sources(self) -> list[str]:
         path = self._sources_file()
         if path is None or not path.exists():
-            return
-        names = ", ".join(repr(name) for name in json.loads(path.read_text()))
-        message = (
-            f"the earlier run stopped before its sources {names} finished; "
-            "--resume processes only the items they had published"
-        )
-        logger.warning(message)
-        self.display.print(f"warning: {message}")
+            return []
+        try:
+            names = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            logger.warning(
+                "ignoring the unreadable record of unfinished sources %s: %s",
+                path,
+                exc,
+            )
+            return []
+        return [name for name in names if name in self.pipeline.nodes]
 
     def _prepare_queues(self, stream: Any) -> None:
         queues = self.pipeline.data_queues()
@@ -201,37 +211,50 @@ class LocalRun:
             stream.recover_queues(queues)
         leftover = sum(stream.depths(queues).values())
         if self.resume:
-            self._warn_unfinished_sources()
-        if self.resume and not leftover:
-            raise EngineError(
-                f"nothing to resume: stream {redact_url(self.stream_url)} contains no "
-                f"items of pipeline {self.pipeline.name!r}; run it without --resume"
-            )
-        if self.resume:
-            logger.info(
-                "resuming pipeline %s with the %d items left in the stream; "
-                "its sources do not run again",
-                self.pipeline.name,
-                leftover,
-            )
+            self._prepare_resume(leftover)
             return
-        if not leftover:
-            return
-        if not self.purge:
+        if leftover and not self.purge:
             raise EngineError(
                 f"stream {redact_url(self.stream_url)} contains {leftover} items of "
                 f"pipeline {self.pipeline.name!r} left by an earlier run that did "
                 "not finish (or replayed from a fail queue); pass --resume to "
-                "process them without running the sources again, or --purge to "
+                "process them and finish the earlier run's sources, or --purge to "
                 "delete them before this run"
             )
-        logger.warning(
-            "deleting %d items left by an earlier run of pipeline %s",
-            leftover,
+        if leftover:
+            logger.warning(
+                "deleting %d items left by an earlier run of pipeline %s",
+                leftover,
+                self.pipeline.name,
+            )
+            stream.delete_queues(queues)
+            stream.declare(queues)
+        self._record_unfinished_sources(self.sources_to_run or [])
+
+    def _prepare_resume(self, leftover: int) -> None:
+        """Choose the sources that --resume runs again, or raise if nothing is left."""
+        unfinished = self._read_unfinished_sources()
+        if not leftover and not unfinished:
+            raise EngineError(
+                f"nothing to resume: stream {redact_url(self.stream_url)} contains no "
+                f"items of pipeline {self.pipeline.name!r} and its sources finished; "
+                "run it without --resume"
+            )
+        self.sources_to_run = unfinished
+        if unfinished:
+            names = ", ".join(repr(name) for name in unfinished)
+            message = (
+                f"the sources {names} of the earlier run did not finish; they run "
+                "again and skip the items they published, so their generators "
+                "must yield the same items in the same order"
+            )
+            logger.info(message)
+            self.display.print(message)
+        logger.info(
+            "resuming pipeline %s with the %d items left in the stream",
             self.pipeline.name,
+            leftover,
         )
-        stream.delete_queues(queues)
-        stream.declare(queues)
 
     def _start_worker(self, port: int, secret: str) -> subprocess.Popen:
         env = dict(os.environ)
@@ -361,10 +384,18 @@ class LocalRun:
         else:
             outcome = "completed"
             # Every edge queue is empty now; the fail queues stay for inspection.
-            stream.delete_queues(
-                self.pipeline.data_queues() + self.pipeline.position_keys()
-            )
-        self._record_unfinished_sources(stats, outcome)
+            # The sources' positions stay too, so that a --resume after a
+            # fail-queue replay does not run the sources again from the start.
+            stream.delete_queues(self.pipeline.data_queues())
+        self._record_unfinished_sources(
+            []
+            if outcome == "completed"
+            else [
+                entry["node"]
+                for entry in stats.values()
+                if entry["kind"] == "source" and entry["state"] != "completed"
+            ]
+        )
         self.display.print(
             format_summary(self.pipeline.name, stats, fail_depths, elapsed_s, outcome)
         )
