@@ -6,6 +6,12 @@ Each stream opens one `pika.BlockingConnection` with three channels:
   acknowledgements. The broker pushes up to the prefetch count of messages
   ahead, and `pull` keeps what it does not return in a buffer for the next
   pull. Buffered messages are unacked, so closing the stream requeues them.
+  The channel is in transaction mode (`tx.select`), because a batch can be
+  acked only on the channel that received it: `settle` publishes a batch's
+  results on it, acks the batch and commits, so that a process that dies
+  before the commit leaves its batch unacked and its results unpublished.
+  In this mode every ack and reject waits for a commit, so `ack` and
+  `reject` commit too.
 - the publish channel is in confirm mode. A batch is published in one go, and
   `publish` returns when the broker has confirmed every message of it.
 - the admin channel declares, counts and deletes queues. A failed passive
@@ -25,7 +31,8 @@ node late, and requeue its messages late.
 
 A connection lost to the broker is opened again with backoff, and the failed
 call runs once more. Deliveries pulled on the lost connection are void: the
-broker delivers them again, and acking them only logs a warning.
+broker delivers them again, acking them only logs a warning, and settling
+them returns False.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import pika
@@ -56,11 +63,16 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Messages of one delay in seconds, as `(queue, body)` pairs. A delay of 0
+# publishes them at once.
+_Batch = tuple[float, Sequence[tuple[str, bytes]]]
+
 # basic.qos carries the prefetch count in a 16-bit field.
 MAX_PREFETCH = 65535
 
-# Maximum time that `publish` waits for the broker's confirms. A broker under a
-# memory or disk alarm blocks publishers and sends none until the alarm ends.
+# Maximum time that `publish` waits for the broker's confirms, and that a
+# commit waits for tx.commit-ok. A broker under a memory or disk alarm blocks
+# publishers and replies to neither until the alarm ends.
 CONFIRM_TIMEOUT_S = 60.0
 
 # Reconnect attempt k waits min(2 ** (k - 2), BACKOFF_MAX_S) seconds first,
@@ -173,6 +185,15 @@ class RabbitMQStream:
         # Queue of each message returned by `pull` and not yet acked or rejected.
         self._held: dict[int, str] = {}
         self._prefetch_count = 0
+        # True when acks or rejects were sent on the consume channel since its
+        # last commit. They take effect only at the next commit.
+        self._has_uncommitted = False
+        # Queues that this connection found to exist, so that `settle` checks
+        # each target queue once rather than in every transaction.
+        self._known_queues: set[str] = set()
+        # Called by `settle` just before it commits. Tests set it to stop a
+        # process in the middle of a transaction.
+        self._before_commit: Callable[[], None] | None = None
 
         # Publish sequence numbers that the broker has not confirmed yet.
         self._unconfirmed: set[int] = set()
@@ -230,14 +251,8 @@ class RabbitMQStream:
         waits at least `delay_s` seconds, and longer when a message published
         before it to the same queue has a longer delay.
         """
-        if not (math.isfinite(delay_s) and delay_s >= 0):
-            raise ValueError(f"invalid delay_s={delay_s!r}: must be 0 or more")
-        for queue, body in messages:
-            if not isinstance(body, bytes | bytearray | memoryview):
-                raise TypeError(
-                    f"invalid message body for queue {queue!r}: expected bytes, "
-                    f"got {type(body).__name__}; encode the item first"
-                )
+        _check_delay(delay_s)
+        _check_bodies(messages)
         if not messages:
             return
         targets = _queue_names(queue for queue, _ in messages)
@@ -278,7 +293,7 @@ class RabbitMQStream:
         """
         ids = _delivery_ids(deliveries)
         if ids:
-            self._run("ack", lambda: self._settle("ack", ids, requeue=False))
+            self._run("ack", lambda: self._ack_or_reject("ack", ids, requeue=False))
 
     def reject(self, deliveries: Sequence[Delivery], requeue: bool) -> None:
         """Reject messages: requeue them for delivery again, or drop them.
@@ -288,7 +303,58 @@ class RabbitMQStream:
         """
         ids = _delivery_ids(deliveries)
         if ids:
-            self._run("reject", lambda: self._settle("reject", ids, requeue))
+            self._run("reject", lambda: self._ack_or_reject("reject", ids, requeue))
+
+    def settle(
+        self,
+        deliveries: Sequence[Delivery],
+        messages: Sequence[tuple[str, bytes]],
+        delayed: Mapping[float, Sequence[tuple[str, bytes]]] | None = None,
+    ) -> bool:
+        """Publish `messages` and the `delayed` ones, and ack `deliveries`, atomically.
+
+        `delayed` maps a delay in seconds to `(queue, body)` pairs, which wait
+        in holding queues as with `publish(..., delay_s)`. Everything goes in
+        one AMQP transaction on the channel that received the deliveries, so
+        a process that dies before the commit leaves the deliveries unacked
+        and nothing published. Returns True once the broker has committed.
+
+        Returns False and publishes nothing when a delivery is not held as
+        the call starts: one of a lost connection, or one already acked or
+        rejected. The deliveries still held are then requeued. When the
+        connection is lost during the call, the stream reconnects and returns
+        False too, because every delivery is then void. The broker has then
+        either committed the whole transaction or discarded it (and delivers
+        the batch again), so the caller has nothing left to do for this batch
+        in either case.
+
+        Raises `StreamError` when a queue does not exist, before anything is
+        published. A queue deleted during the call makes the broker drop the
+        messages to it while it commits the rest, and `StreamError` follows
+        the commit. Raises `StreamUnavailableError` when the broker cannot be
+        reached again, or sends no tx.commit-ok within `CONFIRM_TIMEOUT_S`,
+        which leaves the outcome to the broker, whole or nothing, as above.
+
+        Limits: the transaction is atomic when this process or its connection
+        fails, but RabbitMQ does not keep it atomic when the broker itself
+        fails during the commit: the results may then survive in some queues
+        only, and acked deliveries may come back (see `_commit`). With no
+        deliveries, a connection lost during the call makes it publish the
+        messages again, so some may arrive twice, as with `publish`.
+        """
+        batches = _settle_batches(messages, delayed)
+        ids = _delivery_ids(deliveries)
+        if not ids and not batches:
+            return True
+
+        is_settled = self._run("settle", lambda: self._settle(ids, batches))
+        if is_settled:
+            logger.debug(
+                "settled %d deliveries and published %d messages",
+                len(ids),
+                sum(len(pairs) for _, pairs in batches),
+            )
+        return is_settled
 
     def extend_lease(
         self, deliveries: Sequence[Delivery], lease_s: float | None = None
@@ -469,6 +535,8 @@ class RabbitMQStream:
         try:
             consume_channel = connection.channel()
             consume_channel.add_on_cancel_callback(self._on_consumer_cancelled)
+            consume_channel._impl.add_on_return_callback(self._on_returned)
+            consume_channel.tx_select()
             self._connection = connection
             self._consume_channel = consume_channel
             self._admin_channel = connection.channel()
@@ -519,6 +587,9 @@ class RabbitMQStream:
         self._buffer.clear()
         self._held.clear()
         self._prefetch_count = 0
+        # Closing the channel discards its open transaction.
+        self._has_uncommitted = False
+        self._known_queues.clear()
         self._unconfirmed.clear()
         self._publish_seq = 0
         self._is_lost = False
@@ -629,6 +700,7 @@ class RabbitMQStream:
                 name + DELAYED_SUFFIX,
                 lambda c, n=name: _declare_holding_queue(c, n),
             )
+            self._known_queues.add(name)
 
     def _admin(
         self,
@@ -659,15 +731,9 @@ class RabbitMQStream:
         self, messages: Sequence[tuple[str, bytes]], targets: list[str], delay_s: float
     ) -> None:
         assert self._publish_channel is not None
-        properties = _PERSISTENT
-        suffix = ""
         if delay_s > 0:
             self._prepare_delay(targets)
-            properties = pika.BasicProperties(
-                delivery_mode=pika.DeliveryMode.Persistent,
-                expiration=str(max(1, math.ceil(delay_s * 1000))),
-            )
-            suffix = DELAYED_SUFFIX
+        suffix, properties = _routing(delay_s)
 
         self._nacked_count = 0
         self._returned_queues.clear()
@@ -748,12 +814,152 @@ class RabbitMQStream:
     ) -> None:
         self._returned_queues.append(method.routing_key)
 
+    def _settle(self, ids: list[int], batches: list[_Batch]) -> bool:
+        held_ids, stale_count, unknown_count = self._sort_ids(ids)
+        if stale_count or unknown_count:
+            self._requeue_unsettled(held_ids, stale_count, unknown_count)
+            return False
+
+        self._check_targets(batches)
+        # NOTE: a message that the broker refuses with a channel error, such
+        # as one above its max_message_size, closes the consume channel. That
+        # looks like a lost channel, so settle returns False for its batch
+        # each time, where `publish` raises StreamError.
+        self._send_settlement(held_ids, batches)
+        if self._before_commit is not None:
+            self._before_commit()
+        self._commit("settle")
+        self._forget(held_ids)
+
+        if self._returned_queues:
+            # So a queue was deleted since this stream last found it.
+            dropped = [
+                name.removesuffix(DELAYED_SUFFIX) for name in self._returned_queues
+            ]
+            self._known_queues.difference_update(dropped)
+            listed = ", ".join(repr(name) for name in dict.fromkeys(dropped))
+            raise StreamError(
+                f"settle committed its batch, but RabbitMQ dropped {len(dropped)} "
+                f"messages to queue {listed}, which no longer exists; declare the "
+                "queues before publishing to them"
+            )
+        return True
+
+    def _requeue_unsettled(
+        self, held_ids: list[int], stale_count: int, unknown_count: int
+    ) -> None:
+        """Requeue the deliveries of a batch that `settle` cannot settle."""
+        if held_ids:
+            self._send_rejects(held_ids, requeue=True)
+            self._commit("requeue")
+            self._forget(held_ids)
+        logger.warning(
+            "skipped settle of %d deliveries: %d are from a lost connection to "
+            "RabbitMQ, %d are not held by this stream, and %d were requeued",
+            len(held_ids) + stale_count + unknown_count,
+            stale_count,
+            unknown_count,
+            len(held_ids),
+        )
+
+    def _check_targets(self, batches: list[_Batch]) -> None:
+        """Raise `StreamError` before a transaction that names a missing queue.
+
+        Inside a transaction, RabbitMQ returns a message to a missing queue
+        only at the commit, and commits the rest of the transaction all the
+        same.
+        """
+        targets = _queue_names(
+            queue for delay_s, pairs in batches if delay_s == 0 for queue, _ in pairs
+        )
+        unknown = [name for name in targets if name not in self._known_queues]
+        missing = [name for name in unknown if self._count_ready(name) is None]
+        if missing:
+            raise StreamError(_missing_queues_message(missing, "settle"))
+        self._known_queues.update(targets)
+        for delay_s, pairs in batches:
+            if delay_s > 0:
+                self._prepare_delay(_queue_names(queue for queue, _ in pairs))
+
+    def _send_settlement(self, held_ids: list[int], batches: list[_Batch]) -> None:
+        """Publish `batches` and ack `held_ids` in the open transaction."""
+        assert self._consume_channel is not None
+        self._returned_queues.clear()
+        self._has_uncommitted = True
+        impl = self._consume_channel._impl
+        for delay_s, pairs in batches:
+            suffix, properties = _routing(delay_s)
+            for queue, body in pairs:
+                impl.basic_publish(
+                    "", queue + suffix, bytes(body), properties, mandatory=True
+                )
+        if held_ids:
+            self._send_acks(held_ids)
+
+    def _commit(self, action: str) -> None:
+        """Commit the transaction of the consume channel.
+
+        What RabbitMQ guarantees (its "Broker Semantics" page, for RabbitMQ
+        2.8.0 and later): tx.commit-ok means that every effect of the
+        transaction is visible and that the broker has taken responsibility
+        for the messages published in it. Returned messages arrive before
+        tx.commit-ok. A transaction whose channel closes before the commit,
+        because its process died or its connection was lost, is discarded,
+        and the broker requeues the messages that the channel held unacked
+        (test_rabbitmq_settle_killed_before_commit checks this on 3.10).
+
+        What it does not guarantee: atomicity when the broker itself fails
+        during the commit. The results may then survive in some queues only,
+        even a part of them in one queue. And tx.commit-ok says that the
+        broker received the acks, not that it stored them, so a broker that
+        fails afterwards may deliver acked messages again beside their
+        results.
+        """
+        assert self._connection is not None and self._consume_channel is not None
+        connection = self._connection
+        is_committed: list[bool] = []
+
+        def on_commit_ok(_frame: pika.frame.Method) -> None:
+            is_committed.append(True)
+            # Makes `process_data_events` return now, as in `_on_confirm`.
+            connection.call_later(0, _do_nothing)
+
+        # BlockingChannel.tx_commit would wait for tx.commit-ok without a
+        # time limit, through a memory or disk alarm of any length.
+        self._consume_channel._impl.tx_commit(on_commit_ok)
+        deadline = time.monotonic() + CONFIRM_TIMEOUT_S
+        while not is_committed:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                self._drop_connection()
+                raise StreamUnavailableError(
+                    f"{action} on RabbitMQ at {self._address} timed out after "
+                    f"{CONFIRM_TIMEOUT_S} s waiting for the broker to commit; the "
+                    "broker applies the whole transaction or none of it, and may "
+                    "be blocking publishers under a memory or disk alarm"
+                )
+            connection.process_data_events(time_limit=remaining_s)
+            if self._consume_channel.is_closed:
+                raise _ConsumeChannelLostError(
+                    "the broker closed the consume channel: "
+                    f"{self._consume_channel._closing_reason!r}"
+                )
+        self._has_uncommitted = False
+
+    def _commit_pending(self, action: str) -> None:
+        """Commit the acks and rejects sent since the last commit, if any."""
+        if self._has_uncommitted:
+            self._commit(action)
+
     def _pull(
         self, names: list[str], max_count: int, timeout_s: float
     ) -> list[Delivery]:
         assert self._connection is not None and self._consume_channel is not None
         self._set_prefetch(len(self._held) + max(self.prefetch or 0, max_count))
         self._consume_from(names)
+        # Messages released by `_consume_from` go back to their queues only
+        # at a commit.
+        self._commit_pending("release messages")
 
         deadline = time.monotonic() + timeout_s
         deliveries = self._take_buffered(max_count)
@@ -771,6 +977,7 @@ class RabbitMQStream:
                 break
         for delivery in deliveries:
             self._held[int(delivery.delivery_id)] = delivery.queue
+        self._commit_pending("release messages")
         return deliveries
 
     def _set_prefetch(self, count: int) -> None:
@@ -795,14 +1002,17 @@ class RabbitMQStream:
             tag = self._consume_channel.basic_consume(queue, self._on_message)
             self._consumer_tags[queue] = tag
             self._queues_by_tag[tag] = queue
+            self._known_queues.add(queue)
 
     def _cancel_consumer(self, queue: str) -> None:
         assert self._consume_channel is not None
         tag = self._consumer_tags.pop(queue)
         self._queues_by_tag.pop(tag, None)
         # pika itself requeues the messages that it received for the consumer
-        # and has not dispatched to `_on_message`.
+        # and has not dispatched to `_on_message`, with rejects that wait for
+        # a commit.
         self._consume_channel.basic_cancel(tag)
+        self._has_uncommitted = True
 
     def _release_buffered(
         self, is_released: Callable[[Delivery], bool], requeue: bool
@@ -814,6 +1024,7 @@ class RabbitMQStream:
             if is_released(delivery):
                 tag = int(delivery.delivery_id) - self._tag_base
                 self._consume_channel.basic_nack(tag, requeue=requeue)
+                self._has_uncommitted = True
             else:
                 kept.append(delivery)
         self._buffer = kept
@@ -830,8 +1041,11 @@ class RabbitMQStream:
         queue = self._queues_by_tag.get(method.consumer_tag)
         if queue is None:
             # The consumer was cancelled while this message was on its way.
+            # The reject takes effect at the next commit, and until then the
+            # message stays unacked on this channel.
             assert self._consume_channel is not None
             self._consume_channel.basic_nack(method.delivery_tag, requeue=True)
+            self._has_uncommitted = True
             return
         self._buffer.append(Delivery(queue, body, delivery_id, method.redelivered))
 
@@ -840,6 +1054,7 @@ class RabbitMQStream:
         queue = self._queues_by_tag.pop(frame.method.consumer_tag, None)
         if queue is not None:
             self._consumer_tags.pop(queue, None)
+            self._known_queues.discard(queue)
             logger.info("RabbitMQ cancelled the consumer of queue %s", queue)
 
     def _take_buffered(self, count: int) -> list[Delivery]:
@@ -848,17 +1063,14 @@ class RabbitMQStream:
             taken.append(self._buffer.popleft())
         return taken
 
-    def _settle(self, action: str, ids: list[int], requeue: bool) -> None:
-        assert self._consume_channel is not None
-        stale = [delivery_id for delivery_id in ids if delivery_id <= self._tag_base]
-        held_ids = [delivery_id for delivery_id in ids if delivery_id in self._held]
-        unknown_count = len(ids) - len(stale) - len(held_ids)
-        if stale:
+    def _ack_or_reject(self, action: str, ids: list[int], requeue: bool) -> None:
+        held_ids, stale_count, unknown_count = self._sort_ids(ids)
+        if stale_count:
             logger.warning(
                 "skipped %s of %d deliveries from a lost connection to RabbitMQ; "
                 "the broker delivers them again",
                 action,
-                len(stale),
+                stale_count,
             )
         if unknown_count:
             logger.warning(
@@ -869,24 +1081,49 @@ class RabbitMQStream:
         if not held_ids:
             return
 
-        if action == "ack" and self._is_contiguous(held_ids):
-            # One ack with multiple=True covers every held tag up to the last.
-            self._consume_channel.basic_ack(
-                max(held_ids) - self._tag_base, multiple=True
-            )
+        if action == "ack":
+            self._send_acks(held_ids)
         else:
-            for delivery_id in held_ids:
-                tag = delivery_id - self._tag_base
-                if action == "ack":
-                    self._consume_channel.basic_ack(tag)
-                else:
-                    self._consume_channel.basic_nack(tag, requeue=requeue)
-        for delivery_id in held_ids:
-            del self._held[delivery_id]
+            self._send_rejects(held_ids, requeue)
+        self._commit(action)
+        self._forget(held_ids)
         if action == "ack":
             logger.debug("acked %d messages", len(held_ids))
         else:
             logger.debug("rejected %d messages requeue=%s", len(held_ids), requeue)
+
+    def _sort_ids(self, ids: list[int]) -> tuple[list[int], int, int]:
+        """Return the held ids, and the counts of stale and unknown ids."""
+        stale_count = sum(1 for delivery_id in ids if delivery_id <= self._tag_base)
+        held_ids = [delivery_id for delivery_id in ids if delivery_id in self._held]
+        unknown_count = len(ids) - stale_count - len(held_ids)
+        return held_ids, stale_count, unknown_count
+
+    def _send_acks(self, held_ids: list[int]) -> None:
+        """Send the acks of `held_ids`, which take effect at the next commit."""
+        assert self._consume_channel is not None
+        self._has_uncommitted = True
+        if self._is_contiguous(held_ids):
+            # One ack with multiple=True covers every held tag up to the last.
+            self._consume_channel.basic_ack(
+                max(held_ids) - self._tag_base, multiple=True
+            )
+            return
+        for delivery_id in held_ids:
+            self._consume_channel.basic_ack(delivery_id - self._tag_base)
+
+    def _send_rejects(self, held_ids: list[int], requeue: bool) -> None:
+        """Send the rejects of `held_ids`, which take effect at the next commit."""
+        assert self._consume_channel is not None
+        self._has_uncommitted = True
+        for delivery_id in held_ids:
+            self._consume_channel.basic_nack(
+                delivery_id - self._tag_base, requeue=requeue
+            )
+
+    def _forget(self, held_ids: list[int]) -> None:
+        for delivery_id in held_ids:
+            del self._held[delivery_id]
 
     def _is_contiguous(self, ids: list[int]) -> bool:
         """Return True when `ids` are all the unacked ids up to their maximum."""
@@ -937,12 +1174,17 @@ class RabbitMQStream:
             if name in self._consumer_tags:
                 self._cancel_consumer(name)
             self._release_buffered(lambda delivery, n=name: delivery.queue == n, False)
-            for delivery_id, queue in list(self._held.items()):
-                if queue == name:
-                    self._consume_channel.basic_nack(
-                        delivery_id - self._tag_base, requeue=False
-                    )
-                    del self._held[delivery_id]
+            dropped = [
+                delivery_id
+                for delivery_id, queue in self._held.items()
+                if queue == name
+            ]
+            self._send_rejects(dropped, requeue=False)
+            self._forget(dropped)
+            # Commit while the queue exists: RabbitMQ leaves undefined what a
+            # transaction does with a queue deleted before its commit.
+            self._commit_pending("drop messages")
+            self._known_queues.discard(name)
             for doomed in (name, name + DELAYED_SUFFIX):
                 self._admin(
                     "delete queue", doomed, lambda c, q=doomed: c.queue_delete(q)
@@ -984,10 +1226,62 @@ def _delivery_ids(deliveries: Sequence[Delivery]) -> list[int]:
     return list(dict.fromkeys(int(delivery.delivery_id) for delivery in deliveries))
 
 
-def _missing_queues_message(names: list[str]) -> str:
+def _check_delay(delay_s: float) -> None:
+    if isinstance(delay_s, bool) or not isinstance(delay_s, int | float):
+        raise TypeError(
+            f"invalid delay_s={delay_s!r}: expected a number of seconds, "
+            f"got {type(delay_s).__name__}"
+        )
+    if not (math.isfinite(delay_s) and delay_s >= 0):
+        raise ValueError(f"invalid delay_s={delay_s!r}: must be 0 or more")
+
+
+def _check_bodies(messages: Sequence[tuple[str, bytes]]) -> None:
+    for queue, body in messages:
+        if not isinstance(body, bytes | bytearray | memoryview):
+            raise TypeError(
+                f"invalid message body for queue {queue!r}: expected bytes, "
+                f"got {type(body).__name__}; encode the item first"
+            )
+
+
+def _settle_batches(
+    messages: Sequence[tuple[str, bytes]],
+    delayed: Mapping[float, Sequence[tuple[str, bytes]]] | None,
+) -> list[_Batch]:
+    """Check the messages of a `settle`, and return the non-empty batches."""
+    if delayed is None:
+        delayed = {}
+    if not isinstance(delayed, Mapping):
+        raise TypeError(
+            f"invalid delayed={delayed!r}: expected a mapping of delay_s to "
+            "(queue, body) pairs, for example {5.0: [('jobs', b'retry')]}"
+        )
+    batches: list[_Batch] = []
+    for delay_s, pairs in [(0.0, messages), *delayed.items()]:
+        _check_delay(delay_s)
+        _check_bodies(pairs)
+        _queue_names(queue for queue, _ in pairs)
+        if pairs:
+            batches.append((float(delay_s), pairs))
+    return batches
+
+
+def _routing(delay_s: float) -> tuple[str, pika.BasicProperties]:
+    """Return the queue suffix and the properties of messages delayed by `delay_s`."""
+    if delay_s <= 0:
+        return "", _PERSISTENT
+    properties = pika.BasicProperties(
+        delivery_mode=pika.DeliveryMode.Persistent,
+        expiration=str(max(1, math.ceil(delay_s * 1000))),
+    )
+    return DELAYED_SUFFIX, properties
+
+
+def _missing_queues_message(names: list[str], action: str = "publish") -> str:
     listed = ", ".join(repr(name) for name in names)
     return (
-        f"publish failed: queue {listed} not found on RabbitMQ; declare the "
+        f"{action} failed: queue {listed} not found on RabbitMQ; declare the "
         "queues before publishing to them"
     )
 

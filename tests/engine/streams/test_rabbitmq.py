@@ -658,6 +658,19 @@ def relay_with_stream(
     return relayed
 
 
+def relay_with_settle(
+    stream: RabbitMQStream, source: str, target: str, total: int
+) -> int:
+    """Relay like `relay_with_stream`, with one `settle` per batch."""
+    relayed = 0
+    deadline = time.monotonic() + 60
+    while relayed < total and time.monotonic() < deadline:
+        batch = stream.pull([source], 100, timeout_s=1.0)
+        if stream.settle(batch, [(target, delivery.body) for delivery in batch]):
+            relayed += len(batch)
+    return relayed
+
+
 def relay_with_pika(source: str, target: str, total: int) -> int:
     """Relay like `relay_with_stream`, with pika's blocking API used directly."""
     connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
@@ -692,8 +705,10 @@ def test_rabbitmq_relay_throughput(
 ) -> None:
     """Relay messages between queues, and print the rates of the stream and pika."""
     total = 3000
-    source, middle, target = (queue_names(label) for label in ("a", "b", "c"))
-    rabbitmq_stream.declare([source, middle, target])
+    source, middle, settled, target = (
+        queue_names(label) for label in ("a", "b", "c", "d")
+    )
+    rabbitmq_stream.declare([source, middle, settled, target])
     for _ in range(0, total, 500):
         rabbitmq_stream.publish([(source, b"x" * 100)] * 500)
 
@@ -701,14 +716,329 @@ def test_rabbitmq_relay_throughput(
     stream_count = relay_with_stream(rabbitmq_stream, source, middle, total)
     stream_rate = stream_count / (time.perf_counter() - started)
     started = time.perf_counter()
-    pika_count = relay_with_pika(middle, target, total)
+    settle_count = relay_with_settle(rabbitmq_stream, middle, settled, total)
+    settle_rate = settle_count / (time.perf_counter() - started)
+    started = time.perf_counter()
+    pika_count = relay_with_pika(settled, target, total)
     pika_rate = pika_count / (time.perf_counter() - started)
     print(
         f"\nrelay of {total} messages of 100 bytes in batches of 100: "
-        f"RabbitMQStream {stream_rate:.0f} msg/s, "
+        f"RabbitMQStream publish and ack {stream_rate:.0f} msg/s, "
+        f"settle {settle_rate:.0f} msg/s, "
         f"pika with per-message confirms {pika_rate:.0f} msg/s"
     )
 
     assert stream_count == total
+    assert settle_count == total
     assert pika_count == total
+    assert rabbitmq_stream.depths([middle, settled]) == {middle: 0, settled: 0}
     assert rabbitmq_stream.depth(target) == total
+
+
+def test_rabbitmq_settle_publishes_and_acks(
+    rabbitmq_stream: RabbitMQStream,
+    open_rabbitmq_stream: StreamFactory,
+    queue_names: QueueNames,
+) -> None:
+    jobs, results = queue_names("jobs"), queue_names("results")
+    rabbitmq_stream.declare([jobs, results])
+    bodies = publish_numbered(rabbitmq_stream, jobs, 10)
+    deliveries = rabbitmq_stream.pull([jobs], 10, timeout_s=FILL_TIMEOUT_S)
+
+    is_settled = rabbitmq_stream.settle(
+        deliveries, [(results, b"result-" + delivery.body) for delivery in deliveries]
+    )
+
+    other = open_rabbitmq_stream()
+    published = other.pull([results], 20, timeout_s=FILL_TIMEOUT_S)
+    assert is_settled
+    assert [delivery.body for delivery in deliveries] == bodies
+    assert [delivery.body for delivery in published] == [
+        b"result-" + body for body in bodies
+    ]
+    assert other.pull([jobs], 10, timeout_s=0.5) == []
+    assert other.depths([jobs, results]) == {jobs: 0, results: 10}
+    assert rabbitmq_stream.depth(jobs) == 0
+
+
+def test_rabbitmq_settle_delayed_waits(
+    rabbitmq_stream: RabbitMQStream,
+    open_rabbitmq_stream: StreamFactory,
+    queue_names: QueueNames,
+) -> None:
+    jobs, results = queue_names("jobs"), queue_names("results")
+    rabbitmq_stream.declare([jobs, results])
+    rabbitmq_stream.publish([(jobs, b"flaky")])
+    deliveries = rabbitmq_stream.pull([jobs], 1, timeout_s=FILL_TIMEOUT_S)
+
+    is_settled = rabbitmq_stream.settle(
+        deliveries, [(results, b"partial")], {3.0: [(jobs, b"retry")]}
+    )
+    other = open_rabbitmq_stream()
+    at_once = other.pull([results], 1, timeout_s=FILL_TIMEOUT_S)
+    # The settling stream still consumes from `jobs`, so the broker delivers
+    # the delayed message to it.
+    early = rabbitmq_stream.pull([jobs], 1, timeout_s=0.1)
+    depth_while_delayed = other.depth(jobs)
+    retried: list = []
+
+    def delivered() -> bool:
+        retried.extend(rabbitmq_stream.pull([jobs], 1, timeout_s=0.5))
+        return bool(retried)
+
+    wait_for(delivered, timeout_s=30, what="the delayed message delivered")
+
+    assert is_settled
+    assert [delivery.body for delivery in at_once] == [b"partial"]
+    assert early == []
+    assert depth_while_delayed == 1
+    assert [delivery.body for delivery in retried] == [b"retry"]
+    assert not retried[0].is_redelivered
+
+
+def settle_until_killed(
+    url: str,
+    source: str,
+    target: str,
+    owner: str,
+    reports: multiprocessing.Queue,
+) -> None:
+    """Pull 5 messages and settle them into one result, but stop before the commit.
+
+    Runs in a child process, which reports the bodies it pulled once the
+    broker has the transaction's publish and acks, then waits to be killed.
+    """
+    stream = RabbitMQStream(url, owner=owner)
+    deliveries = stream.pull([source], 5, timeout_s=FILL_TIMEOUT_S)
+    bodies = [delivery.body for delivery in deliveries]
+
+    def report_and_wait() -> None:
+        # The broker handles a channel's methods in order, so the reply to
+        # this passive declare proves that it has the publish and the acks.
+        assert stream._consume_channel is not None
+        stream._consume_channel.queue_declare(source, passive=True)
+        reports.put(bodies)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    stream._before_commit = report_and_wait
+    stream.settle(deliveries, [(target, b"+".join(bodies))])
+    reports.put("committed")
+
+
+def test_rabbitmq_settle_killed_before_commit(
+    rabbitmq_url: str, rabbitmq_stream: RabbitMQStream, queue_names: QueueNames
+) -> None:
+    """A batch combined into one result is either settled or redelivered whole.
+
+    With the results published (and confirmed) before the inputs are acked,
+    the result would survive the kill beside the redelivered inputs.
+    """
+    jobs, sums = queue_names("jobs"), queue_names("sums")
+    rabbitmq_stream.declare([jobs, sums])
+    bodies = publish_numbered(rabbitmq_stream, jobs, 5)
+    context = multiprocessing.get_context("spawn")
+    reports = context.Queue()
+    summer = context.Process(
+        target=settle_until_killed,
+        args=(rabbitmq_url, jobs, sums, f"{queue_names.prefix}-summer", reports),
+        name="summer",
+    )
+    summer.start()
+    try:
+        pulled_bodies = reports.get(timeout=60)
+        # Inside the open transaction: the result is not visible yet, and
+        # the inputs are still held by the summer.
+        depth_before_kill = rabbitmq_stream.depth(sums)
+        taken_before_kill = rabbitmq_stream.pull([jobs], 5, timeout_s=0.2)
+
+        os.kill(summer.pid, signal.SIGKILL)
+        summer.join(timeout=30)
+        deliveries: list = []
+
+        def redelivered_all() -> bool:
+            deliveries.extend(rabbitmq_stream.pull([jobs], 5, timeout_s=0.5))
+            return len(deliveries) >= 5
+
+        wait_for(redelivered_all, timeout_s=30, what="5 messages redelivered")
+    finally:
+        if summer.is_alive():
+            summer.kill()
+            summer.join(timeout=30)
+
+    assert pulled_bodies == bodies
+    assert depth_before_kill == 0
+    assert taken_before_kill == []
+    assert summer.exitcode == -signal.SIGKILL
+    assert reports.empty()
+    assert [delivery.body for delivery in deliveries] == bodies
+    assert all(delivery.is_redelivered for delivery in deliveries)
+    assert rabbitmq_stream.pull([sums], 5, timeout_s=0.5) == []
+    assert rabbitmq_stream.depth(sums) == 0
+    # Settled again, the batch yields its result once.
+    assert rabbitmq_stream.settle(deliveries, [(sums, b"+".join(bodies))])
+    [result] = rabbitmq_stream.pull([sums], 5, timeout_s=FILL_TIMEOUT_S)
+    assert result.body == b"0+1+2+3+4"
+    assert rabbitmq_stream.depths([jobs, sums]) == {jobs: 0, sums: 1}
+
+
+def test_rabbitmq_settle_after_reconnect_returns_false(
+    open_rabbitmq_stream: StreamFactory,
+    queue_names: QueueNames,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="engine.streams.rabbitmq")
+    proxy = PausableProxy(5672)
+    proxy.start()
+    jobs, results = queue_names("jobs"), queue_names("results")
+    stream = open_rabbitmq_stream(f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+    stream.declare([jobs, results])
+    bodies = publish_numbered(stream, jobs, 3)
+    lost = stream.pull([jobs], 3, timeout_s=FILL_TIMEOUT_S)
+
+    # The connection drops; the stream finds out in `settle` and reconnects.
+    proxy.stop()
+    proxy.start()
+    try:
+        is_settled = stream.settle(lost, [(results, b"from a lost batch")])
+        deliveries: list = []
+
+        def redelivered_all() -> bool:
+            deliveries.extend(stream.pull([jobs], 3, timeout_s=0.5))
+            return len(deliveries) >= 3
+
+        wait_for(redelivered_all, timeout_s=30, what="3 messages redelivered")
+        depths = stream.depths([jobs, results])
+    finally:
+        proxy.stop()
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert is_settled is False
+    assert any("reconnected to RabbitMQ" in message for message in messages)
+    assert any("3 are from a lost connection" in message for message in messages)
+    assert [delivery.body for delivery in deliveries] == bodies
+    assert all(delivery.is_redelivered for delivery in deliveries)
+    assert depths == {jobs: 3, results: 0}
+
+
+def test_rabbitmq_settle_unheld_delivery_requeues_rest(
+    rabbitmq_stream: RabbitMQStream,
+    open_rabbitmq_stream: StreamFactory,
+    queue_names: QueueNames,
+) -> None:
+    jobs, results = queue_names("jobs"), queue_names("results")
+    rabbitmq_stream.declare([jobs, results])
+    bodies = publish_numbered(rabbitmq_stream, jobs, 3)
+    deliveries = rabbitmq_stream.pull([jobs], 3, timeout_s=FILL_TIMEOUT_S)
+    rabbitmq_stream.ack(deliveries[:1])
+
+    is_settled = rabbitmq_stream.settle(deliveries, [(results, b"never")])
+
+    # The stream still consumes from `jobs`, so the broker delivers the
+    # requeued messages back to its buffer, with no further commit.
+    wait_for(
+        lambda: len(rabbitmq_stream._buffer) == 2,
+        timeout_s=10,
+        what="the broker to deliver the 2 requeued messages again",
+    )
+    requeued = rabbitmq_stream.pull([jobs], 3, timeout_s=0.5)
+    assert is_settled is False
+    assert [delivery.body for delivery in requeued] == bodies[1:]
+    assert all(delivery.is_redelivered for delivery in requeued)
+    assert open_rabbitmq_stream().depth(results) == 0
+
+
+def test_rabbitmq_settle_to_missing_queue_raises(
+    rabbitmq_stream: RabbitMQStream, queue_names: QueueNames
+) -> None:
+    jobs, results = queue_names("jobs"), queue_names("results")
+    missing = queue_names("missing")
+    rabbitmq_stream.declare([jobs, results])
+    publish_numbered(rabbitmq_stream, jobs, 2)
+    deliveries = rabbitmq_stream.pull([jobs], 2, timeout_s=FILL_TIMEOUT_S)
+
+    with pytest.raises(StreamError, match="declare the queues") as raised:
+        rabbitmq_stream.settle(deliveries, [(results, b"kept"), (missing, b"lost")])
+    with pytest.raises(StreamError, match="not found"):
+        rabbitmq_stream.settle(deliveries, [], {1.0: [(missing, b"lost")]})
+
+    assert repr(missing) in str(raised.value)
+    assert rabbitmq_stream.depth(results) == 0
+    # Nothing was sent, so the deliveries are still held and settle later.
+    assert rabbitmq_stream.settle(deliveries, [(results, b"kept")])
+    assert rabbitmq_stream.depths([jobs, results]) == {jobs: 0, results: 1}
+
+
+def test_rabbitmq_settle_queue_deleted_before_commit(
+    rabbitmq_stream: RabbitMQStream,
+    open_rabbitmq_stream: StreamFactory,
+    queue_names: QueueNames,
+) -> None:
+    """A queue deleted inside the transaction loses its messages at the commit."""
+    jobs, kept, doomed = queue_names("jobs"), queue_names("kept"), queue_names("doomed")
+    rabbitmq_stream.declare([jobs, kept, doomed])
+    publish_numbered(rabbitmq_stream, jobs, 2)
+    deliveries = rabbitmq_stream.pull([jobs], 2, timeout_s=FILL_TIMEOUT_S)
+    deleter = open_rabbitmq_stream()
+    rabbitmq_stream._before_commit = lambda: deleter.delete_queues([doomed])
+
+    with pytest.raises(StreamError, match="settle committed its batch") as raised:
+        rabbitmq_stream.settle(deliveries, [(kept, b"kept"), (doomed, b"dropped")])
+
+    assert repr(doomed) in str(raised.value)
+    assert deleter.depths([jobs, kept]) == {jobs: 0, kept: 1}
+    # The next settle finds the queue missing before it sends anything.
+    rabbitmq_stream._before_commit = None
+    with pytest.raises(StreamError, match="not found"):
+        rabbitmq_stream.settle([], [(doomed, b"lost")])
+
+
+@pytest.mark.parametrize(
+    ("messages", "delayed", "error", "text"),
+    [
+        ([("jobs", "text")], None, TypeError, "expected bytes"),
+        ([], {2.0: [("jobs", 7)]}, TypeError, "expected bytes"),
+        ([], {-1.0: [("jobs", b"x")]}, ValueError, "must be 0 or more"),
+        ([], {float("nan"): [("jobs", b"x")]}, ValueError, "must be 0 or more"),
+        ([], {float("inf"): [("jobs", b"x")]}, ValueError, "must be 0 or more"),
+        ([], {"5": [("jobs", b"x")]}, TypeError, "expected a number of seconds"),
+        ([], [(5.0, [("jobs", b"x")])], TypeError, "expected a mapping"),
+        ([("", b"x")], None, ValueError, "must be a non-empty string"),
+        ([("q" * 300, b"x")], None, ValueError, "must be at most"),
+    ],
+)
+def test_rabbitmq_settle_rejects_invalid_input(
+    rabbitmq_stream: RabbitMQStream,
+    messages: list,
+    delayed: object,
+    error: type[Exception],
+    text: str,
+) -> None:
+    with pytest.raises(error, match=text):
+        rabbitmq_stream.settle([], messages, delayed)  # type: ignore[arg-type]
+
+
+def test_rabbitmq_ack_and_reject_commit(
+    open_rabbitmq_stream: StreamFactory, queue_names: QueueNames
+) -> None:
+    jobs = queue_names("jobs")
+    first, observer = open_rabbitmq_stream(), open_rabbitmq_stream()
+    first.declare([jobs])
+    bodies = publish_numbered(first, jobs, 3)
+    deliveries = first.pull([jobs], 3, timeout_s=FILL_TIMEOUT_S)
+
+    # On the transactional channel, a reject or an ack takes effect only at
+    # a commit, so each must commit before it returns.
+    first.reject(deliveries[:1], requeue=True)
+    wait_for(
+        lambda: len(first._buffer) == 1,
+        timeout_s=10,
+        what="the broker to deliver the rejected message again",
+    )
+    first.ack(deliveries[1:2])
+    first.close()
+    redelivered = observer.pull([jobs], 3, timeout_s=FILL_TIMEOUT_S)
+
+    assert [delivery.body for delivery in redelivered] == [bodies[0], bodies[2]]
+    assert all(delivery.is_redelivered for delivery in redelivered)
