@@ -234,7 +234,10 @@ class RabbitMQStream:
         logger.debug("declared queues %s", names)
 
     def publish(
-        self, messages: Sequence[tuple[str, bytes]], delay_s: float = 0.0
+        self,
+        messages: Sequence[tuple[str, bytes]],
+        delay_s: float = 0.0,
+        position: tuple[str, int] | None = None,
     ) -> None:
         """Publish `(queue, body)` pairs as persistent messages.
 
@@ -247,20 +250,35 @@ class RabbitMQStream:
         by a lost connection is published again in full, so some of its
         messages may arrive twice.
 
+        With `position=(key, count)`, the messages and `count` go in one AMQP
+        transaction instead, `count` as the only message of the queue `key`
+        (declared with `x-max-length` 1, so each position replaces the last).
+        A connection lost during that call publishes the batch again only if
+        the stored position shows that the broker discarded it.
+
         Limits: the holding queue expires messages in order, so a message
         waits at least `delay_s` seconds, and longer when a message published
         before it to the same queue has a longer delay.
         """
         _check_delay(delay_s)
         _check_bodies(messages)
+        targets = _queue_names(queue for queue, _ in messages)
+        if position is not None:
+            _check_position(position)
+            self._publish_with_position(messages, delay_s, position)
+            return
         if not messages:
             return
-        targets = _queue_names(queue for queue, _ in messages)
 
         self._run("publish", lambda: self._publish(messages, targets, delay_s))
         logger.debug(
             "published %d messages to %s delay_s=%s", len(messages), targets, delay_s
         )
+
+    def read_position(self, key: str) -> int:
+        """Return the count last stored under `key` by `publish`, or 0."""
+        _check_position((key, 0))
+        return self._run("read position", lambda: self._read_position(key))
 
     def pull(
         self, queues: Sequence[str], max_count: int, timeout_s: float
@@ -845,6 +863,65 @@ class RabbitMQStream:
             )
         return True
 
+    def _publish_with_position(
+        self,
+        messages: Sequence[tuple[str, bytes]],
+        delay_s: float,
+        position: tuple[str, int],
+    ) -> None:
+        key, count = position
+        batches: list[_Batch] = [(float(delay_s), messages)] if messages else []
+        batches.append((0.0, [(key, str(count).encode())]))
+        attempts = 0
+
+        def publish() -> None:
+            nonlocal attempts
+            attempts += 1
+            self._declare_position_queue(key)
+            # A retry follows a lost connection, after which the broker has
+            # committed the whole transaction or none of it.
+            if attempts > 1 and self._read_position(key) == count:
+                return
+            self._check_targets(batches)
+            self._send_settlement([], batches)
+            self._commit("publish")
+
+        self._run("publish", publish)
+        logger.debug(
+            "published %d messages delay_s=%s position=%s",
+            len(messages),
+            delay_s,
+            position,
+        )
+
+    def _declare_position_queue(self, key: str) -> None:
+        if key in self._known_queues:
+            return
+        self._admin(
+            "declare position queue",
+            key,
+            lambda channel: channel.queue_declare(
+                key, durable=True, arguments={"x-max-length": 1}
+            ),
+        )
+        self._known_queues.add(key)
+
+    def _read_position(self, key: str) -> int:
+        """Read the position message of `key` and put it back in its queue."""
+        self._declare_position_queue(key)
+        assert self._admin_channel is not None
+        method, _properties, body = self._admin_channel.basic_get(key, auto_ack=False)
+        if method is None:
+            return 0
+        self._admin_channel.basic_nack(method.delivery_tag, requeue=True)
+        try:
+            return int(body)
+        except ValueError:
+            raise StreamError(
+                f"position queue {key!r} contains {body[:40]!r}, not a count; "
+                "delete the queue, and its source starts over"
+            ) from None
+
     def _requeue_unsettled(
         self, held_ids: list[int], stale_count: int, unknown_count: int
     ) -> None:
@@ -1234,6 +1311,15 @@ def _check_delay(delay_s: float) -> None:
         )
     if not (math.isfinite(delay_s) and delay_s >= 0):
         raise ValueError(f"invalid delay_s={delay_s!r}: must be 0 or more")
+
+
+def _check_position(position: tuple[str, int]) -> None:
+    key, count = position
+    _queue_names([key])
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(
+            f"invalid position {count!r} for key {key!r}: must be an int of 0 or more"
+        )
 
 
 def _check_bodies(messages: Sequence[tuple[str, bytes]]) -> None:

@@ -338,3 +338,45 @@ def test_settle_rejects_text_body_and_keeps_inputs(
     assert stream.depths([inputs, results]) == {inputs: 1, results: 0}
     stream.ack(deliveries)
     assert stream.depth(inputs) == 0
+
+
+def test_publish_stores_position(stream: Stream, queue_names: QueueNames) -> None:
+    results, key = queue_names("results"), queue_names("position")
+    stream.declare([results])
+
+    stream.publish([(results, b"a"), (results, b"b")], position=(key, 2))
+    stream.publish([(results, b"c")], position=(key, 3))
+
+    assert stream.read_position(key) == 3
+    assert stream.read_position(key) == 3
+    assert stream.depth(results) == 3
+    pulled = stream.pull([results], 3, timeout_s=FILL_TIMEOUT_S)
+    assert [delivery.body for delivery in pulled] == [b"a", b"b", b"c"]
+
+
+def test_position_without_messages_resets(
+    stream: Stream, queue_names: QueueNames
+) -> None:
+    key = queue_names("position")
+    stream.publish([], position=(key, 40))
+
+    stream.publish([], position=(key, 0))
+
+    assert stream.read_position(key) == 0
+
+
+def test_read_position_unknown_key_is_zero(
+    stream: Stream, queue_names: QueueNames
+) -> None:
+    assert stream.read_position(queue_names("never-published")) == 0
+
+
+def test_delete_queues_deletes_position_key(
+    stream: Stream, queue_names: QueueNames
+) -> None:
+    key = queue_names("position")
+    stream.publish([], position=(key, 7))
+
+    stream.delete_queues([key])
+
+    assert stream.read_position(key) == 0
