@@ -8,7 +8,9 @@ Scenarios (docs/benchmarks.md gives the method of each and the latest figures):
 
 - relay: no-op pipelines of 1 and 3 stages on the SQLite and RabbitMQ
   streams, beside a plain SQLite loop and a plain pika loop that relay the
-  same items with the same batch size;
+  same items with the same batch size, and beside raw pipelines of the same
+  shape: a producer, one relay process per stage and a consumer, running at
+  once on plain sqlite3 or plain pika;
 - cpu: a node that spends about 10 ms of pure Python on each item, in 1 and
   2 processes, beside one plain loop and two plain processes;
 - wordcount: examples/wordcount.py and a variant without its batched map,
@@ -40,6 +42,7 @@ import contextlib
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import platform
 import random
@@ -55,7 +58,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -618,9 +621,16 @@ def bench_relay(bench: Bench, run: int) -> None:
         for stages in (1, 3):
             print(f"relay: {stream}, {stages} stage(s), run {run}", flush=True)
             raw_s = relay_raw(bench, stream, stages, run)
+            pipeline_rate = relay_raw_pipeline(bench, stream, stages, run)
             engine_rate = relay_engine(bench, stream, stages)
-            count = bench.sizes.relay_items
-            record_relay(bench.report, stream, stages, count / raw_s, engine_rate)
+            record_relay(
+                bench.report,
+                stream,
+                stages,
+                raw_loop_rate=bench.sizes.relay_items / raw_s,
+                raw_pipeline_rate=pipeline_rate,
+                engine_rate=engine_rate,
+            )
 
 
 def relay_raw(bench: Bench, stream: str, stages: int, run: int) -> float:
@@ -633,6 +643,20 @@ def relay_raw(bench: Bench, stream: str, stages: int, run: int) -> float:
     prefix = f"raw-{stages}-{run}-{uuid.uuid4().hex[:6]}"
     queues = [f"{prefix}.q{index}" for index in range(stages + 1)]
     return relay_pika_raw(bench.amqp_url, queues, count, RELAY_BATCH_SIZE)
+
+
+def relay_raw_pipeline(bench: Bench, stream: str, stages: int, run: int) -> float:
+    """Return the end-to-end items/s of a raw pipeline with `stages` relay processes."""
+    count = bench.sizes.relay_items
+    timeout_s = engine_timeout_s(bench.sizes)
+    if stream == "sqlite":
+        path = bench.new_folder("raw-pipeline-sqlite") / "raw.db"
+        return relay_sqlite_pipeline(path, count, stages, RELAY_BATCH_SIZE, timeout_s)
+    assert bench.amqp_url is not None
+    prefix = f"raw-pipeline-{stages}-{run}-{uuid.uuid4().hex[:6]}"
+    return relay_pika_pipeline(
+        bench.amqp_url, prefix, count, stages, RELAY_BATCH_SIZE, timeout_s
+    )
 
 
 def relay_engine(bench: Bench, stream: str, stages: int) -> float:
@@ -654,30 +678,66 @@ def relay_engine(bench: Bench, stream: str, stages: int) -> float:
         raise BenchError(
             f"the relay sink got {arrived} items of {count} on {stream}; see {folder}"
         )
-    # Items counted from the second batch on arrived after the first one.
+    return arrival_rate(arrivals, f"in the engine on {stream}")
+
+
+def arrival_rate(arrivals: Sequence[Sequence[float]], where: str) -> float:
+    """Return the items/s after the first batch of `arrivals`: (time, size) in order.
+
+    The items of the later batches arrived after the first one, so the rate
+    is their count over the time from the first batch to the last.
+    """
     window_s = arrivals[-1][0] - arrivals[0][0]
     if window_s <= 0:
         raise BenchError(
-            f"all {count} items arrived in one batch on {stream}; raise the "
-            "relay item count to measure a rate"
+            f"all items arrived in one batch {where}; raise the relay item "
+            "count to measure a rate"
         )
-    return (count - arrivals[0][1]) / window_s
+    arrived = sum(size for _, size in arrivals)
+    return (arrived - arrivals[0][1]) / window_s
 
 
 def record_relay(
-    report: Report, stream: str, stages: int, raw_rate: float, engine_rate: float
+    report: Report,
+    stream: str,
+    stages: int,
+    *,
+    raw_loop_rate: float,
+    raw_pipeline_rate: float,
+    engine_rate: float,
 ) -> None:
-    """Record the rates in items/s end to end, and per stage as stages x that."""
+    """Record the rates in items/s end to end, and per stage as stages x that.
+
+    `engine_over_raw` compares the engine with the single raw loop, and
+    `engine_over_raw_pipeline` with the raw pipeline of the same shape.
+    """
     key = f"{stream}.{stages}_stage"
     where = f"{stream}, {_stages_text(stages)}"
-    raw_per_stage = stages * raw_rate
+    raw_per_stage = stages * raw_loop_rate
+    pipeline_per_stage = stages * raw_pipeline_rate
     engine_per_stage = stages * engine_rate
     ratio = engine_per_stage / raw_per_stage
+    pipeline_ratio = engine_per_stage / pipeline_per_stage
     figures = {
         "raw_per_stage": ("raw loop, per stage", "items/s", raw_per_stage),
+        "raw_pipeline_end_to_end": (
+            "raw pipeline, end to end",
+            "items/s",
+            raw_pipeline_rate,
+        ),
+        "raw_pipeline_per_stage": (
+            "raw pipeline, per stage",
+            "items/s",
+            pipeline_per_stage,
+        ),
         "engine_end_to_end": ("engine, end to end", "items/s", engine_rate),
         "engine_per_stage": ("engine, per stage", "items/s", engine_per_stage),
         "engine_over_raw": ("engine / raw, per stage", "x", ratio),
+        "engine_over_raw_pipeline": (
+            "engine / raw pipeline, per stage",
+            "x",
+            pipeline_ratio,
+        ),
     }
     for name, (label, unit, value) in figures.items():
         report.add("relay", f"{key}.{name}", f"{where}: {label}", unit, value)
@@ -694,15 +754,9 @@ def relay_sqlite_raw(path: Path, count: int, stages: int, batch_size: int) -> fl
     inputs, in one transaction, with the stream's settings: WAL and
     synchronous=NORMAL.
     """
-    connection = sqlite3.connect(path, isolation_level=None)
+    connection = connect_raw_sqlite(path)
     try:
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
-        connection.execute(
-            "CREATE TABLE messages "
-            "(id INTEGER PRIMARY KEY, queue INTEGER NOT NULL, body BLOB NOT NULL)"
-        )
-        connection.execute("CREATE INDEX messages_by_queue ON messages (queue, id)")
+        create_raw_sqlite_schema(connection)
         bodies = [(make_payload(index).encode(),) for index in range(count)]
         connection.execute("BEGIN IMMEDIATE")
         connection.executemany(
@@ -762,7 +816,9 @@ def relay_pika_raw(url: str, queues: list[str], count: int, batch_size: int) -> 
             channel.basic_publish("", queues[0], body, persistent)
         _wait_for_depth(channel, queues[0], count)
 
-        elapsed_s = PikaRelay(url, queues, count, batch_size).run()
+        relay = PikaRelay(url, queues, count, batch_size)
+        relay.run()
+        elapsed_s = relay.elapsed_s
 
         _wait_for_depth(channel, queues[-1], count)
         for queue in queues:
@@ -786,16 +842,26 @@ def _wait_for_depth(channel: Any, queue: str, count: int, timeout_s: float = 30.
         time.sleep(0.01)
 
 
-class PikaRelay:
-    """The raw block on RabbitMQ: consume a batch, publish it confirmed, ack it.
+class PikaLoop:
+    """One connection and one channel in confirm mode on pika's `SelectConnection`.
 
-    Runs on pika's asynchronous `SelectConnection`, so that a whole batch is
-    published before waiting once for its confirms, where pika's blocking
-    channel waits for each confirm in turn. The prefetch is two batches, so
-    the next batch arrives while the broker confirms the current one.
+    `run` drives pika's I/O loop until a subclass calls `_finish`, the
+    connection fails or `timeout_s` passes. Once the channel has its
+    prefetch of two batches, `on_ready` runs (if given) and then `_start`.
+    A batch is published before waiting once for all its confirms, where
+    pika's blocking channel waits for each confirm in turn.
     """
 
-    def __init__(self, url: str, queues: list[str], count: int, batch_size: int):
+    # The name of the client in error messages.
+    role = "client"
+
+    def __init__(
+        self,
+        url: str,
+        batch_size: int,
+        timeout_s: float,
+        on_ready: Callable[[], None] | None = None,
+    ):
         import pika
 
         self.pika = pika
@@ -803,25 +869,16 @@ class PikaRelay:
         self.persistent = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent
         )
-        self.queues = queues
-        self.count = count
         self.batch_size = batch_size
-        self.timeout_s = 300.0
-        self.stage = 0
-        # Delivery tags and bodies received and not yet published.
-        self.pending: list[tuple[int, bytes]] = []
-        self.relayed = 0
-        # The batch published and waiting for its confirms.
-        self.batch_last_tag = 0
-        self.batch_count = 0
+        self.timeout_s = timeout_s
+        self.on_ready = on_ready
         self.unconfirmed: set[int] = set()
         self.publish_seq = 0
-        self.started = 0.0
-        self.elapsed_s: float | None = None
+        self.finished = False
         self.error: str | None = None
 
-    def run(self) -> float:
-        """Relay through every queue, and return the seconds from the first consume."""
+    def run(self) -> None:
+        """Run the I/O loop to the end, and raise `BenchError` if it failed."""
         self.connection = self.pika.SelectConnection(
             self.parameters,
             on_open_callback=self._on_open,
@@ -830,9 +887,23 @@ class PikaRelay:
         )
         self.connection.ioloop.call_later(self.timeout_s, self._on_timeout)
         self.connection.ioloop.start()
-        if self.elapsed_s is None:
-            raise BenchError(f"the raw pika relay failed: {self.error}")
-        return self.elapsed_s
+        if not self.finished:
+            raise BenchError(f"the raw pika {self.role} failed: {self.error}")
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _on_all_confirmed(self) -> None:
+        """Continue once the broker has confirmed every message published so far."""
+
+    def _publish(self, queue: str, body: bytes) -> None:
+        self.channel.basic_publish("", queue, body, self.persistent)
+        self.publish_seq += 1
+        self.unconfirmed.add(self.publish_seq)
+
+    def _finish(self) -> None:
+        self.finished = True
+        self.connection.close()
 
     def _on_open(self, connection: Any) -> None:
         connection.channel(on_open_callback=self._on_channel_open)
@@ -842,7 +913,7 @@ class PikaRelay:
         connection.ioloop.stop()
 
     def _on_closed(self, connection: Any, reason: Exception) -> None:
-        if self.elapsed_s is None and self.error is None:
+        if not self.finished and self.error is None:
             self.error = f"connection closed: {reason!r}"
         connection.ioloop.stop()
 
@@ -862,6 +933,58 @@ class PikaRelay:
         )
 
     def _on_qos(self, _frame: Any) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
+        self._start()
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        if isinstance(method, self.pika.spec.Basic.Nack):
+            self.error = f"the broker rejected message {method.delivery_tag}"
+            self.connection.close()
+            return
+        if method.multiple:
+            self.unconfirmed = {s for s in self.unconfirmed if s > method.delivery_tag}
+        else:
+            self.unconfirmed.discard(method.delivery_tag)
+        if not self.unconfirmed:
+            self._on_all_confirmed()
+
+
+class PikaRelay(PikaLoop):
+    """The raw block on RabbitMQ: consume a batch, publish it confirmed, ack it.
+
+    The prefetch is two batches, so the next batch arrives while the broker
+    confirms the current one. The stages run one after the other, each
+    moving `count` items from one queue of `queues` to the next.
+    """
+
+    role = "relay"
+
+    def __init__(
+        self,
+        url: str,
+        queues: list[str],
+        count: int,
+        batch_size: int,
+        timeout_s: float = 300.0,
+        on_ready: Callable[[], None] | None = None,
+    ):
+        super().__init__(url, batch_size, timeout_s, on_ready)
+        self.queues = queues
+        self.count = count
+        self.stage = 0
+        # Delivery tags and bodies received and not yet published.
+        self.pending: list[tuple[int, bytes]] = []
+        self.relayed = 0
+        # The batch published and waiting for its confirms.
+        self.batch_last_tag = 0
+        self.batch_count = 0
+        self.started = 0.0
+        # The seconds from the first consume to the end of the last stage.
+        self.elapsed_s = 0.0
+
+    def _start(self) -> None:
         self.started = time.perf_counter()
         self._consume()
 
@@ -880,23 +1003,12 @@ class PikaRelay:
         batch, self.pending = self.pending[:size], self.pending[size:]
         target = self.queues[self.stage + 1]
         for _, body in batch:
-            self.channel.basic_publish("", target, body, self.persistent)
-            self.publish_seq += 1
-            self.unconfirmed.add(self.publish_seq)
+            self._publish(target, body)
         self.batch_last_tag = batch[-1][0]
         self.batch_count = size
 
-    def _on_confirm(self, frame: Any) -> None:
-        method = frame.method
-        if isinstance(method, self.pika.spec.Basic.Nack):
-            self.error = f"the broker rejected message {method.delivery_tag}"
-            self.connection.close()
-            return
-        if method.multiple:
-            self.unconfirmed = {s for s in self.unconfirmed if s > method.delivery_tag}
-        else:
-            self.unconfirmed.discard(method.delivery_tag)
-        if self.unconfirmed or not self.batch_count:
+    def _on_all_confirmed(self) -> None:
+        if not self.batch_count:
             return
         # Every result is confirmed, so the inputs can go.
         self.channel.basic_ack(self.batch_last_tag, multiple=True)
@@ -914,7 +1026,459 @@ class PikaRelay:
             self._consume()
             return
         self.elapsed_s = time.perf_counter() - self.started
-        self.connection.close()
+        self._finish()
+
+
+class PikaProducer(PikaLoop):
+    """Publish `count` payloads to `queue`, waiting for each batch's confirms."""
+
+    role = "producer"
+
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        count: int,
+        batch_size: int,
+        timeout_s: float,
+        on_ready: Callable[[], None] | None = None,
+    ):
+        super().__init__(url, batch_size, timeout_s, on_ready)
+        self.queue = queue
+        self.count = count
+        self.published = 0
+
+    def _start(self) -> None:
+        self._publish_batch()
+
+    def _publish_batch(self) -> None:
+        size = min(self.batch_size, self.count - self.published)
+        for index in range(self.published, self.published + size):
+            self._publish(self.queue, make_payload(index).encode())
+        self.published += size
+
+    def _on_all_confirmed(self) -> None:
+        if self.published < self.count:
+            self._publish_batch()
+        else:
+            self._finish()
+
+
+class PikaConsumer(PikaLoop):
+    """Consume `count` messages from `queue` and ack each batch with one ack.
+
+    `arrivals` gets the `time.perf_counter()` and the size of each batch, and
+    `bodies` the distinct bodies received.
+    """
+
+    role = "consumer"
+
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        count: int,
+        batch_size: int,
+        timeout_s: float,
+        on_ready: Callable[[], None] | None = None,
+    ):
+        super().__init__(url, batch_size, timeout_s, on_ready)
+        self.queue = queue
+        self.count = count
+        self.received = 0
+        self.pending: list[tuple[int, bytes]] = []
+        self.arrivals: list[tuple[float, int]] = []
+        self.bodies: set[bytes] = set()
+
+    def _start(self) -> None:
+        self.consumer_tag = self.channel.basic_consume(self.queue, self._on_message)
+
+    def _on_message(self, _channel: Any, method: Any, _props: Any, body: bytes):
+        self.pending.append((method.delivery_tag, body))
+        if self.received == self.count:
+            # A message beyond `count` stays unacked, so it goes back to the
+            # queue when the connection closes, and the queue check fails.
+            return
+        size = min(self.batch_size, self.count - self.received)
+        if len(self.pending) < size:
+            return
+        batch, self.pending = self.pending[:size], self.pending[size:]
+        self.channel.basic_ack(batch[-1][0], multiple=True)
+        self.arrivals.append((time.perf_counter(), size))
+        self.bodies.update(body for _, body in batch)
+        self.received += size
+        if self.received == self.count:
+            self.channel.basic_cancel(self.consumer_tag, callback=self._on_cancelled)
+
+    def _on_cancelled(self, _frame: Any) -> None:
+        self._finish()
+
+
+# Raw pipelines of the relay: the shape of the engine's relay pipeline, in
+# plain processes that use plain sqlite3 or plain pika and no engine code.
+
+# The pause between two polls of a SQLite queue that lacks a full batch: the
+# shortest poll pause of the SQLite stream.
+RAW_POLL_S = 0.002
+# How long SQLite waits for the write lock before a statement fails as busy,
+# as in the SQLite stream.
+RAW_BUSY_TIMEOUT_S = 5.0
+_COUNT_VISIBLE_SQL = (
+    "SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE queue = ? LIMIT ?)"
+)
+
+
+@dataclass(frozen=True)
+class RawRole:
+    """One process of a raw pipeline: its name, and the function it runs with `args`."""
+
+    name: str
+    function: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+def run_raw_pipeline(roles: list[RawRole], timeout_s: float) -> Any:
+    """Run every role in a forked process at once, and return the last role's result.
+
+    Each function gets a `ready` callable as its last argument. Calling it
+    waits until every process has called it, so the processes' start-up
+    stays out of the figures, as the engine's source waits for every node.
+    Raises `BenchError` as soon as a role fails, or when the roles have not
+    all finished `timeout_s` (plus 10 s) after the start. The processes still
+    running then are terminated.
+    """
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(len(roles))
+    started: list[tuple[str, Any, Any]] = []
+    try:
+        for role in roles:
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_run_raw_role,
+                args=(role, barrier, timeout_s, sender),
+                name=f"raw {role.name}",
+            )
+            process.start()
+            sender.close()
+            started.append((role.name, process, receiver))
+        results = _collect_raw_results(started, timeout_s + 10.0)
+    finally:
+        for _, process, receiver in started:
+            if process.is_alive():
+                process.terminate()
+            process.join(10.0)
+            receiver.close()
+    return results[roles[-1].name]
+
+
+def _run_raw_role(role: RawRole, barrier: Any, timeout_s: float, sender: Any) -> None:
+    def ready() -> None:
+        barrier.wait(timeout_s)
+
+    try:
+        result = role.function(*role.args, ready)
+    except Exception as exc:  # the parent reports it and fails the bench
+        # Releases the other processes from the barrier at once.
+        barrier.abort()
+        sender.send(("error", f"{type(exc).__name__}: {exc}"))
+    else:
+        sender.send(("ok", result))
+    finally:
+        sender.close()
+
+
+def _collect_raw_results(
+    started: list[tuple[str, Any, Any]], timeout_s: float
+) -> dict[str, Any]:
+    names = {receiver: name for name, _, receiver in started}
+    results: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    while names:
+        remaining_s = max(0.0, deadline - time.monotonic())
+        ready = multiprocessing.connection.wait(list(names), timeout=remaining_s)
+        if not ready:
+            raise BenchError(
+                f"the raw pipeline timed out after {timeout_s:.0f} s; still "
+                f"running: {', '.join(names.values())}"
+            )
+        for receiver in ready:
+            name = names.pop(receiver)
+            try:
+                status, value = receiver.recv()
+            except EOFError:
+                raise BenchError(
+                    f"the {name} process of the raw pipeline exited without a result"
+                ) from None
+            if status == "error":
+                raise BenchError(
+                    f"the {name} process of the raw pipeline failed: {value}"
+                )
+            results[name] = value
+    return results
+
+
+def check_raw_delivery(pipeline: str, result: dict[str, Any], count: int) -> None:
+    """Raise `BenchError` unless the consumer got each of the `count` items once."""
+    received, distinct = result["received"], result["distinct"]
+    if received != count or distinct != count:
+        raise BenchError(
+            f"{pipeline} delivered {received} items to its consumer, {distinct} of "
+            f"them distinct; expected each of the {count} items exactly once"
+        )
+
+
+def connect_raw_sqlite(path: Path) -> sqlite3.Connection:
+    """Open `path` with the SQLite stream's settings: WAL and synchronous=NORMAL."""
+    connection = sqlite3.connect(path, timeout=RAW_BUSY_TIMEOUT_S, isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    return connection
+
+
+def create_raw_sqlite_schema(connection: sqlite3.Connection) -> None:
+    connection.execute(
+        "CREATE TABLE messages "
+        "(id INTEGER PRIMARY KEY, queue INTEGER NOT NULL, body BLOB NOT NULL)"
+    )
+    connection.execute("CREATE INDEX messages_by_queue ON messages (queue, id)")
+
+
+def relay_sqlite_pipeline(
+    path: Path, count: int, stages: int, batch_size: int, timeout_s: float
+) -> float:
+    """Return the end-to-end items/s of a raw SQLite pipeline, timed as the engine's.
+
+    A producer inserts the items into queue 0, one process per stage moves
+    them to the next queue, and a consumer deletes them from queue `stages`.
+    """
+    connection = connect_raw_sqlite(path)
+    try:
+        create_raw_sqlite_schema(connection)
+    finally:
+        connection.close()
+
+    shared = (count, batch_size, timeout_s)
+    roles = [RawRole("producer", produce_sqlite, (path, *shared))]
+    for stage in range(stages):
+        roles.append(
+            RawRole(f"relay {stage + 1}", relay_sqlite_stage, (path, stage, *shared))
+        )
+    roles.append(RawRole("consumer", consume_sqlite, (path, stages, *shared)))
+    result = run_raw_pipeline(roles, timeout_s)
+
+    check_raw_delivery("the raw SQLite pipeline", result, count)
+    connection = connect_raw_sqlite(path)
+    try:
+        (left,) = connection.execute("SELECT COUNT(*) FROM messages").fetchone()
+    finally:
+        connection.close()
+    if left:
+        raise BenchError(f"the raw SQLite pipeline left {left} messages in {path}")
+    return arrival_rate(result["arrivals"], "in the raw SQLite pipeline")
+
+
+def produce_sqlite(
+    path: Path,
+    count: int,
+    batch_size: int,
+    timeout_s: float,
+    ready: Callable[[], None],
+) -> None:
+    """Insert the `count` payloads into queue 0, one transaction per batch."""
+    connection = connect_raw_sqlite(path)
+    try:
+        ready()
+        deadline = time.monotonic() + timeout_s
+        for indexes in batched(range(count), batch_size):
+            _check_deadline(deadline, timeout_s, "the raw SQLite producer")
+            bodies = [(make_payload(index).encode(),) for index in indexes]
+            connection.execute("BEGIN IMMEDIATE")
+            connection.executemany(
+                "INSERT INTO messages (queue, body) VALUES (0, ?)", bodies
+            )
+            connection.execute("COMMIT")
+    finally:
+        connection.close()
+
+
+def relay_sqlite_stage(
+    path: Path,
+    stage: int,
+    count: int,
+    batch_size: int,
+    timeout_s: float,
+    ready: Callable[[], None],
+) -> None:
+    """Move `count` items from queue `stage` to the next, as the raw loop does."""
+    connection = connect_raw_sqlite(path)
+    try:
+        ready()
+        deadline = time.monotonic() + timeout_s
+        relayed = 0
+        while relayed < count:
+            size = min(batch_size, count - relayed)
+            _wait_for_sqlite_batch(connection, stage, size, deadline, timeout_s)
+            relayed += _relay_sqlite_batch(connection, stage, batch_size)
+    finally:
+        connection.close()
+
+
+def consume_sqlite(
+    path: Path,
+    queue: int,
+    count: int,
+    batch_size: int,
+    timeout_s: float,
+    ready: Callable[[], None],
+) -> dict[str, Any]:
+    """Claim and delete `count` items from `queue`, one transaction per batch.
+
+    Returns the `time.perf_counter()` and size of each batch as "arrivals",
+    the items received, and how many distinct bodies they had.
+    """
+    connection = connect_raw_sqlite(path)
+    arrivals: list[tuple[float, int]] = []
+    bodies: set[bytes] = set()
+    received = 0
+    try:
+        ready()
+        deadline = time.monotonic() + timeout_s
+        while received < count:
+            size = min(batch_size, count - received)
+            _wait_for_sqlite_batch(connection, queue, size, deadline, timeout_s)
+            connection.execute("BEGIN IMMEDIATE")
+            rows = connection.execute(
+                "SELECT id, body FROM messages WHERE queue = ? ORDER BY id LIMIT ?",
+                (queue, batch_size),
+            ).fetchall()
+            connection.executemany(
+                "DELETE FROM messages WHERE id = ?",
+                [(message_id,) for message_id, _ in rows],
+            )
+            connection.execute("COMMIT")
+            arrivals.append((time.perf_counter(), len(rows)))
+            bodies.update(body for _, body in rows)
+            received += len(rows)
+    finally:
+        connection.close()
+    return {"arrivals": arrivals, "received": received, "distinct": len(bodies)}
+
+
+def _wait_for_sqlite_batch(
+    connection: sqlite3.Connection,
+    queue: int,
+    size: int,
+    deadline: float,
+    timeout_s: float,
+) -> None:
+    """Poll, outside any write transaction, until `queue` contains `size` messages."""
+    while True:
+        (visible,) = connection.execute(_COUNT_VISIBLE_SQL, (queue, size)).fetchone()
+        if visible >= size:
+            return
+        _check_deadline(
+            deadline, timeout_s, f"queue {queue} of the raw SQLite pipeline"
+        )
+        time.sleep(RAW_POLL_S)
+
+
+def _check_deadline(deadline: float, timeout_s: float, subject: str) -> None:
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"{subject} timed out after {timeout_s:.0f} s")
+
+
+def relay_pika_pipeline(
+    url: str, prefix: str, count: int, stages: int, batch_size: int, timeout_s: float
+) -> float:
+    """Return the end-to-end items/s of a raw pika pipeline, timed as the engine's.
+
+    A producer publishes the items to the first of the queues named after
+    `prefix`, one `PikaRelay` process per stage moves them to the next
+    queue, and a consumer acks them from the last queue.
+    """
+    import pika
+
+    queues = [f"{prefix}.q{index}" for index in range(stages + 1)]
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        for queue in queues:
+            channel.queue_declare(queue, durable=True)
+    finally:
+        connection.close()
+
+    shared = (count, batch_size, timeout_s)
+    roles = [RawRole("producer", produce_pika, (url, queues[0], *shared))]
+    for stage in range(stages):
+        queue_pair = (queues[stage], queues[stage + 1])
+        roles.append(
+            RawRole(f"relay {stage + 1}", relay_pika_stage, (url, *queue_pair, *shared))
+        )
+    roles.append(RawRole("consumer", consume_pika, (url, queues[-1], *shared)))
+    try:
+        result = run_raw_pipeline(roles, timeout_s)
+    finally:
+        left = _delete_queues(url, queues)
+
+    check_raw_delivery("the raw pika pipeline", result, count)
+    if any(left.values()):
+        raise BenchError(f"the raw pika pipeline left messages in its queues: {left}")
+    return arrival_rate(result["arrivals"], "in the raw pika pipeline")
+
+
+def produce_pika(
+    url: str,
+    queue: str,
+    count: int,
+    batch_size: int,
+    timeout_s: float,
+    ready: Callable[[], None],
+) -> None:
+    PikaProducer(url, queue, count, batch_size, timeout_s, ready).run()
+
+
+def relay_pika_stage(
+    url: str,
+    source: str,
+    target: str,
+    count: int,
+    batch_size: int,
+    timeout_s: float,
+    ready: Callable[[], None],
+) -> None:
+    PikaRelay(url, [source, target], count, batch_size, timeout_s, ready).run()
+
+
+def consume_pika(
+    url: str,
+    queue: str,
+    count: int,
+    batch_size: int,
+    timeout_s: float,
+    ready: Callable[[], None],
+) -> dict[str, Any]:
+    """Consume and ack `count` items, and return the same result as `consume_sqlite`."""
+    consumer = PikaConsumer(url, queue, count, batch_size, timeout_s, ready)
+    consumer.run()
+    return {
+        "arrivals": consumer.arrivals,
+        "received": consumer.received,
+        "distinct": len(consumer.bodies),
+    }
+
+
+def _delete_queues(url: str, queues: list[str]) -> dict[str, int]:
+    """Delete `queues`, and return the messages that each one held."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        return {
+            queue: channel.queue_delete(queue).method.message_count for queue in queues
+        }
+    finally:
+        connection.close()
 
 
 # Scenario 2: CPU-heavy scaling.
@@ -1645,21 +2209,27 @@ class Target:
     goal: str
     measured: str
     status: str  # "met", "missed" or "not measured"
+    # A related figure printed beside the check, such as the engine's ratio
+    # to the single raw loop beside the relay target.
+    note: str = ""
 
 
 def evaluate_targets(report: Report) -> list[Target]:
     targets = []
     for stream in ("sqlite", "rabbitmq"):
         for stages in (1, 3):
-            ratio = report.median("relay", f"{stream}.{stages}_stage.engine_over_raw")
+            key = f"{stream}.{stages}_stage"
+            ratio = report.median("relay", f"{key}.engine_over_raw_pipeline")
+            loop_ratio = report.median("relay", f"{key}.engine_over_raw")
             targets.append(
                 _target(
                     "relay",
                     f"relay per stage, {stream}, {_stages_text(stages)}",
-                    ">= 0.80x the raw loop",
+                    ">= 0.80x the raw pipeline",
                     ratio,
                     lambda value: value >= 0.8,
                     "{:.2f}x",
+                    note="" if loop_ratio is None else f"raw loop: {loop_ratio:.2f}x",
                 )
             )
     ratio = report.median("cpu", "engine_2_over_ceiling")
@@ -1735,11 +2305,12 @@ def _target(
     value: float | None,
     is_met: Callable[[float], bool],
     template: str,
+    note: str = "",
 ) -> Target:
     if value is None:
-        return Target(scenario, name, goal, "-", "not measured")
+        return Target(scenario, name, goal, "-", "not measured", note)
     status = "met" if is_met(value) else "missed"
-    return Target(scenario, name, goal, template.format(value), status)
+    return Target(scenario, name, goal, template.format(value), status, note)
 
 
 def format_value(value: float, unit: str) -> str:
@@ -1784,11 +2355,16 @@ def format_table(report: Report) -> str:
 
 def format_targets(targets: list[Target]) -> str:
     width = max(len(target.name) for target in targets)
-    return "\n".join(
-        f"{target.status:<12}  {target.name:<{width}}  {target.measured:>9}  "
-        f"(goal {target.goal})"
-        for target in targets
-    )
+    lines = []
+    for target in targets:
+        line = (
+            f"{target.status:<12}  {target.name:<{width}}  {target.measured:>9}  "
+            f"(goal {target.goal})"
+        )
+        if target.note:
+            line += f"  {target.note}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 # The command line.

@@ -24,11 +24,17 @@ BENCH_TIMEOUT_S = 120
 REQUIRED_FIGURES = {
     "relay": [
         "sqlite.1_stage.raw_per_stage",
+        "sqlite.1_stage.raw_pipeline_end_to_end",
+        "sqlite.1_stage.raw_pipeline_per_stage",
         "sqlite.1_stage.engine_end_to_end",
         "sqlite.1_stage.engine_over_raw",
+        "sqlite.1_stage.engine_over_raw_pipeline",
         "sqlite.3_stage.raw_per_stage",
+        "sqlite.3_stage.raw_pipeline_end_to_end",
+        "sqlite.3_stage.raw_pipeline_per_stage",
         "sqlite.3_stage.engine_per_stage",
         "sqlite.3_stage.engine_over_raw",
+        "sqlite.3_stage.engine_over_raw_pipeline",
     ],
     "cpu": [
         "plain_loop_s",
@@ -59,8 +65,13 @@ REQUIRED_FIGURES = {
 }
 RABBITMQ_FIGURES = [
     "rabbitmq.1_stage.raw_per_stage",
+    "rabbitmq.1_stage.raw_pipeline_end_to_end",
+    "rabbitmq.1_stage.raw_pipeline_per_stage",
     "rabbitmq.1_stage.engine_end_to_end",
+    "rabbitmq.1_stage.engine_over_raw_pipeline",
+    "rabbitmq.3_stage.raw_pipeline_per_stage",
     "rabbitmq.3_stage.engine_over_raw",
+    "rabbitmq.3_stage.engine_over_raw_pipeline",
 ]
 PEERS = ("ray", "dask", "dramatiq")
 
@@ -92,7 +103,8 @@ def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
         require_service("RabbitMQ", 5672)
 
     output = run_quick_bench(tmp_path / "bench.json")
-    scenarios = json.loads((tmp_path / "bench.json").read_text())["scenarios"]
+    outcome = json.loads((tmp_path / "bench.json").read_text())
+    scenarios = outcome["scenarios"]
 
     for name, keys in REQUIRED_FIGURES.items():
         figures = scenarios[name]["figures"]
@@ -110,6 +122,19 @@ def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
         assert peer in wordcount["skipped"], f"{peer} is neither measured nor skipped"
         note = f"skipped {peer} in wordcount: {wordcount['skipped'][peer]}"
         assert note in output, f"the bench did not print {note!r}"
+
+    # The relay targets are checked against the raw pipeline, and print the
+    # ratio to the single raw loop beside it.
+    relay_targets = {
+        target["name"]: target
+        for target in outcome["targets"]
+        if target["scenario"] == "relay"
+    }
+    for stages in ("1 stage", "3 stages"):
+        target = relay_targets[f"relay per stage, sqlite, {stages}"]
+        assert target["status"] != "not measured", f"target not measured: {target}"
+        assert "raw pipeline" in target["goal"], f"target goal: {target['goal']}"
+        assert target["note"].startswith("raw loop: "), f"target note: {target}"
 
     relay = scenarios["relay"]
     if not has_rabbitmq:
