@@ -304,7 +304,11 @@ class Master:
                     continue
                 running = sum(1 for n in record.nodes.values() if n.state in live)
                 if running < record.processes:
-                    node_ids += self.start_nodes(node_type, record.processes - running)
+                    # They replace processes lost while the master was down, so
+                    # a source continues after the items it published.
+                    node_ids += self.start_nodes(
+                        node_type, record.processes - running, resume=True
+                    )
             logger.info(
                 "pipeline %s resumed with the workers' nodes; %d nodes started",
                 name,
@@ -665,6 +669,7 @@ class Master:
     def _apply_report(self, node: NodeRecord, report: dict[str, Any]) -> None:
         node.pid = report.get("pid") or node.pid
         node.restarts = int(report.get("restarts", node.restarts))
+        node.has_started = node.has_started or bool(report.get("has_started"))
         node.cpu_percent = float(report.get("cpu_percent", 0.0))
         node.memory_bytes = int(report.get("memory_bytes", 0))
         _apply_stats(node, report)

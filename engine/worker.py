@@ -802,6 +802,7 @@ class Worker:
             "pid": node.pid,
             "state": node.state.value,
             "restarts": node.restarts,
+            "has_started": node.has_started,
             "last_error": node.last_error,
             "cpu_percent": 0.0,
             "memory_bytes": 0,
