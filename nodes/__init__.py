@@ -1,7 +1,8 @@
-"""Built-in sources and sinks: text, JSON lines and CSV files, and SQLite.
+"""Built-in sources and sinks: text, JSON lines and CSV files, SQLite and PostgreSQL.
 
 Sources are helpers that a source node calls and yields from. Sinks are
 batched node objects that open their file or database in `setup`.
+`migrate_postgres` applies the numbered SQL migrations of a folder.
 """
 
 from nodes.files import (
@@ -13,17 +14,15 @@ from nodes.files import (
     read_text_chunks,
     text_size_bytes,
 )
-from nodes.postgres import (
+from nodes.migrations import (
     Migration,
     MigrationError,
-    PostgresSink,
-    connect_postgres,
     find_migrations,
     migrate_postgres,
     migration_status,
-    read_postgres,
-    redact_dsn,
 )
+from nodes.postgres import PostgresSink
+from nodes.postgres_connection import connect_postgres, read_postgres, redact_dsn
 from nodes.sqlite import SQLiteSink, read_sqlite
 
 __all__ = [

@@ -1,11 +1,11 @@
-"""A batched sink, a source helper and a migration runner for PostgreSQL.
+"""A batched sink for PostgreSQL.
 
 `PostgresSink` applies each batch in one transaction, so a batch is either
 stored whole or not at all, and with `dedupe=True` it stores each item at most
-once even when the engine delivers it again. `read_postgres` yields the rows of
-a query for a source node. `connect_postgres` opens a connection whose errors
-name the server and hide the password, and `migrate_postgres` applies or
-reverts the numbered SQL files of a folder.
+once even when the engine delivers it again. Connecting and reading are in
+`nodes.postgres_connection`, and the migration runner is in
+`nodes.migrations`. This module re-exports their public names as well, so
+that imports such as `from nodes.postgres import migrate_postgres` work.
 
 psycopg is imported inside the functions that connect, because importing it
 takes about 0.15 s and loads libpq: importing `nodes` in a pipeline file that
@@ -15,22 +15,35 @@ never uses PostgreSQL pays for neither.
 from __future__ import annotations
 
 import logging
-import os
-import random
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.context import Param
-from engine.errors import (
-    EngineError,
-    ParameterError,
-    PipelineError,
-    StreamUnavailableError,
+from engine.errors import ParameterError, PipelineError
+from nodes.migrations import (
+    MIGRATIONS_TABLE,
+    Migration,
+    MigrationError,
+    find_migrations,
+    migrate_postgres,
+    migration_status,
+)
+from nodes.postgres_connection import (
+    _backoff_s,
+    _check_dsn,
+    _check_table_name,
+    _error_reason,
+    _invalid_dsn_message,
+    _is_rejected,
+    _open_connection,
+    _rejected_message,
+    _server_address,
+    _table_identifier,
+    _unreachable_error,
+    connect_postgres,
+    read_postgres,
+    redact_dsn,
 )
 from nodes.sqlite import _as_bool, _as_statements, _check_statement
 
@@ -39,6 +52,20 @@ if TYPE_CHECKING:
     from psycopg import sql
 
     from engine.context import NodeContext
+
+__all__ = [
+    "APPLIED_TABLE",
+    "MIGRATIONS_TABLE",
+    "Migration",
+    "MigrationError",
+    "PostgresSink",
+    "connect_postgres",
+    "find_migrations",
+    "migrate_postgres",
+    "migration_status",
+    "read_postgres",
+    "redact_dsn",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,34 +77,11 @@ Row = Sequence[Any] | Mapping[str, Any]
 # The table that records the ids of applied items, in the first schema of the
 # connection's search_path unless the sink names another one.
 APPLIED_TABLE = "monomyth_applied"
-# The table that records which migrations are applied.
-MIGRATIONS_TABLE = "public.monomyth_migrations"
 
-_BACKOFF_FIRST_S = 0.1
-_BACKOFF_MAX_S = 5.0
 # Key text of the advisory lock that makes concurrent setups of a node's
 # processes take turns, because two concurrent `CREATE TABLE IF NOT EXISTS`
 # of one table can fail with a unique violation in the system catalog.
 _SETUP_LOCK = "monomyth.PostgresSink.setup"
-# Phrases of the FATAL connection errors that a retry can fix, because the
-# server rejects connections only while it starts, stops or is full.
-_TRANSIENT_REJECTIONS = (
-    "starting up",
-    "shutting down",
-    "in recovery mode",
-    "not yet accepting connections",
-    "too many clients",
-)
-_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
-_MIGRATION_FILE = re.compile(r"(\d+)_(\w+)\.(up|down)\.sql")
-_URL_PASSWORD = re.compile(r"^(postgres(?:ql)?://[^:@/?#]*):[^@/?#]*@", re.IGNORECASE)
-_KEY_PASSWORD = re.compile(
-    r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)", re.IGNORECASE
-)
-
-
-class MigrationError(EngineError):
-    """A migration file is missing, misnamed or failed to run. Fix the file."""
 
 
 class PostgresSink:
@@ -389,421 +393,6 @@ class PostgresSink:
                 "give one id per item"
             )
         return [str(item_id) for item_id in item_ids]
-
-
-def connect_postgres(
-    dsn: str,
-    *,
-    autocommit: bool = True,
-    application_name: str = "monomyth",
-    max_retries: int = 3,
-    connect_timeout_s: float = 10.0,
-) -> psycopg.Connection:
-    """Open a connection to PostgreSQL, retrying while the server is unreachable.
-
-    Use it in pipeline hooks and scripts, as `with connect_postgres(dsn) as
-    connection:`, which closes the connection at the end of the block. It
-    retries up to `max_retries` times, with the backoff of `PostgresSink`,
-    logging a WARNING for each retry. Raises `StreamUnavailableError` when the server
-    stays unreachable, and `ParameterError` for an invalid DSN or a connection
-    that the server rejects. Their messages name the server's host and port,
-    and show the DSN with its password as `***`.
-    """
-    import psycopg
-
-    dsn = _check_dsn(dsn)
-    retry = 0
-    while True:
-        try:
-            connection = _open_connection(dsn, application_name, connect_timeout_s)
-        except psycopg.OperationalError as exc:
-            if _is_rejected(exc):
-                raise ParameterError(_rejected_message(dsn, exc)) from exc
-            if retry == max_retries:
-                raise _unreachable_error(dsn, exc, retry + 1) from exc
-            retry += 1
-            delay_s = _backoff_s(retry)
-            logger.warning(
-                "connection to PostgreSQL at %s failed (%s); retry %d of %d in %.2f s",
-                _server_address(dsn),
-                _error_reason(exc, dsn),
-                retry,
-                max_retries,
-                delay_s,
-            )
-            time.sleep(delay_s)
-            continue
-        connection.autocommit = autocommit
-        return connection
-
-
-def read_postgres(
-    dsn: str, query: str, params: Sequence[Any] | Mapping[str, Any] = ()
-) -> Iterator[dict[str, Any]]:
-    """Run a query on PostgreSQL and yield each row as a dict.
-
-    The query runs in a read-only transaction, and the rows stream from the
-    server one at a time, so a large result need not fit in memory. Keys are
-    the column names of the query. Bind values with `%s` placeholders and a
-    sequence, or `%(name)s` placeholders and a dict.
-
-    Raises `ParameterError` at the call for an invalid DSN or query. The
-    first iteration raises `StreamUnavailableError` when the server cannot be
-    reached, and `psycopg.Error` when the query fails.
-    """
-    _check_dsn(dsn)
-    _check_statement(query)
-    return _iter_query_rows(dsn, query, params)
-
-
-def _iter_query_rows(
-    dsn: str, query: str, params: Sequence[Any] | Mapping[str, Any]
-) -> Iterator[dict[str, Any]]:
-    from psycopg.rows import dict_row
-
-    connection = connect_postgres(
-        dsn, autocommit=False, application_name="monomyth/read_postgres"
-    )
-    try:
-        connection.read_only = True
-        with connection.cursor(row_factory=dict_row) as cursor:
-            # Without parameters, psycopg sends the query as it is, so a `%`
-            # in it needs no escaping.
-            yield from cursor.stream(query, params or None)
-    finally:
-        connection.close()
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    """One numbered migration: the SQL files that apply and revert it."""
-
-    # The digits that start the file names, such as "0001". Migrations run in
-    # the numeric order of their versions.
-    version: str
-    name: str
-    up_path: Path
-    down_path: Path
-
-    @property
-    def label(self) -> str:
-        """The migration's file name stem, such as `0001_map_reduce`."""
-        return f"{self.version}_{self.name}"
-
-
-def find_migrations(folder: str | os.PathLike[str]) -> list[Migration]:
-    """Return the migrations in `folder`, oldest version first.
-
-    Each migration is a pair of files, `NNNN_name.up.sql` and
-    `NNNN_name.down.sql`. Raises `MigrationError` for a missing folder, a
-    `.sql` file with another name, a file without its pair, or two
-    migrations with one version number.
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        raise MigrationError(f"migrations folder {str(root)!r} not found")
-
-    pairs: dict[tuple[str, str], dict[str, Path]] = {}
-    for path in sorted(root.glob("*.sql")):
-        match = _MIGRATION_FILE.fullmatch(path.name)
-        if match is None:
-            raise MigrationError(
-                f"invalid migration file name {path.name!r} in {str(root)!r}; "
-                "expected NNNN_name.up.sql or NNNN_name.down.sql"
-            )
-        version, name, direction = match.groups()
-        pairs.setdefault((version, name), {})[direction] = path
-
-    migrations = []
-    for (version, name), paths in pairs.items():
-        for direction in ("up", "down"):
-            if direction not in paths:
-                raise MigrationError(
-                    f"missing migration file {version}_{name}.{direction}.sql "
-                    f"in {str(root)!r}; each migration needs an up and a down file"
-                )
-        migrations.append(Migration(version, name, paths["up"], paths["down"]))
-    migrations.sort(key=lambda migration: int(migration.version))
-
-    for earlier, later in zip(migrations, migrations[1:], strict=False):
-        if int(earlier.version) == int(later.version):
-            raise MigrationError(
-                f"migrations {earlier.label!r} and {later.label!r} in "
-                f"{str(root)!r} have the same version; renumber one of them"
-            )
-    return migrations
-
-
-def migrate_postgres(
-    dsn: str,
-    folder: str | os.PathLike[str],
-    direction: Literal["up", "down"],
-    *,
-    table: str = MIGRATIONS_TABLE,
-) -> list[Migration]:
-    """Apply the migrations of `folder` that are not applied, or revert them.
-
-    `up` applies each pending migration, oldest first; `down` reverts each
-    applied one, newest first. Each migration runs in its own transaction
-    together with its row in `table`, so a failed file leaves nothing of
-    itself behind. An advisory lock makes concurrent runs take turns, so a
-    migration never runs twice. Returns the migrations applied or reverted:
-    an empty list when there was nothing to do.
-
-    Raises `MigrationError` naming the file when one fails or the folder is
-    invalid, and the errors of `connect_postgres`.
-
-    Limits: a file must not contain BEGIN or COMMIT, which would end the
-    migration's transaction early. Projects that share one database need a
-    `table` each when their versions overlap.
-    """
-    if direction not in ("up", "down"):
-        raise ParameterError(
-            f"invalid migration direction {direction!r}: expected 'up' or 'down'"
-        )
-    migrations = find_migrations(folder)
-    table_name = _table_identifier(_check_table_name(table, "table"))
-
-    done = []
-    with connect_postgres(dsn, application_name="monomyth/migrate") as connection:
-        _create_migrations_table(connection, table, table_name)
-        applied = _applied_versions(connection, table_name)
-        if direction == "up":
-            steps = [m for m in migrations if m.version not in applied]
-        else:
-            _check_known_versions(applied, migrations, folder)
-            steps = [m for m in reversed(migrations) if m.version in applied]
-
-        for migration in steps:
-            if _run_migration(connection, migration, direction, table, table_name):
-                done.append(migration)
-    return done
-
-
-def migration_status(
-    dsn: str, folder: str | os.PathLike[str], *, table: str = MIGRATIONS_TABLE
-) -> list[tuple[Migration, datetime | None]]:
-    """Return each migration of `folder` with the time it was applied, or None.
-
-    Reads only: a database without `table` has every migration pending.
-    """
-    migrations = find_migrations(folder)
-    table_name = _table_identifier(_check_table_name(table, "table"))
-
-    with connect_postgres(dsn, application_name="monomyth/migrate") as connection:
-        exists = connection.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0]
-        applied = _applied_versions(connection, table_name) if exists else {}
-    return [(migration, applied.get(migration.version)) for migration in migrations]
-
-
-def _create_migrations_table(
-    connection: psycopg.Connection, table: str, table_name: sql.Composable
-) -> None:
-    from psycopg import sql
-
-    with connection.transaction():
-        _lock_migrations(connection, table)
-        connection.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} (version TEXT PRIMARY KEY, "
-                "name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-            ).format(table_name)
-        )
-
-
-def _applied_versions(
-    connection: psycopg.Connection, table_name: sql.Composable
-) -> dict[str, datetime]:
-    from psycopg import sql
-
-    query = sql.SQL("SELECT version, applied_at FROM {}").format(table_name)
-    return dict(connection.execute(query).fetchall())
-
-
-def _check_known_versions(
-    applied: Mapping[str, datetime],
-    migrations: list[Migration],
-    folder: str | os.PathLike[str],
-) -> None:
-    known = {migration.version for migration in migrations}
-    unknown = sorted(version for version in applied if version not in known)
-    if unknown:
-        raise MigrationError(
-            f"migration {unknown[0]} is applied, but {str(folder)!r} contains no "
-            "files for it, so it cannot be reverted; restore its files first"
-        )
-
-
-def _run_migration(
-    connection: psycopg.Connection,
-    migration: Migration,
-    direction: Literal["up", "down"],
-    table: str,
-    table_name: sql.Composable,
-) -> bool:
-    """Apply or revert one migration; return False when another run did it first."""
-    import psycopg
-    from psycopg import sql
-
-    path = migration.up_path if direction == "up" else migration.down_path
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise MigrationError(f"migration file {str(path)!r} is empty")
-
-    with connection.transaction():
-        _lock_migrations(connection, table)
-        # Check again under the lock: a concurrent run may have done it.
-        is_applied = migration.version in _applied_versions(connection, table_name)
-        if is_applied == (direction == "up"):
-            return False
-        try:
-            connection.execute(text)
-        except psycopg.Error as exc:
-            raise MigrationError(
-                f"migration file {path.name!r} failed: {_error_reason(exc, '')}; "
-                "it was rolled back, so fix the file and run again"
-            ) from exc
-        if direction == "up":
-            record = sql.SQL("INSERT INTO {} (version, name) VALUES (%s, %s)")
-            connection.execute(
-                record.format(table_name), (migration.version, migration.name)
-            )
-        else:
-            delete = sql.SQL("DELETE FROM {} WHERE version = %s")
-            connection.execute(delete.format(table_name), (migration.version,))
-    logger.info(
-        "migration %s %s",
-        migration.label,
-        "applied" if direction == "up" else "reverted",
-    )
-    return True
-
-
-def _lock_migrations(connection: psycopg.Connection, table: str) -> None:
-    connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (table,))
-
-
-def redact_dsn(dsn: str) -> str:
-    """Return `dsn` with its password replaced by `***`, for logs and errors."""
-    dsn = _URL_PASSWORD.sub(r"\1:***@", dsn)
-    return _KEY_PASSWORD.sub(r"\1***", dsn)
-
-
-def _open_connection(
-    dsn: str, application_name: str, connect_timeout_s: float
-) -> psycopg.Connection:
-    import psycopg
-
-    return psycopg.connect(
-        dsn,
-        autocommit=True,
-        application_name=application_name,
-        # libpq takes whole seconds, and treats 0 as no timeout.
-        connect_timeout=max(1, round(connect_timeout_s)),
-    )
-
-
-def _check_dsn(dsn: Any) -> str:
-    from psycopg.conninfo import conninfo_to_dict
-
-    if isinstance(dsn, Param):
-        raise TypeError(
-            f"dsn={dsn!r} is a Param that was not resolved; "
-            "pass ctx.resolve(dsn) instead"
-        )
-    if not isinstance(dsn, str) or not dsn:
-        raise ParameterError(_invalid_dsn_message(dsn))
-    try:
-        conninfo_to_dict(dsn)
-    except Exception:
-        # psycopg's message quotes the DSN with its password, so leave it out.
-        raise ParameterError(_invalid_dsn_message(dsn)) from None
-    return dsn
-
-
-def _invalid_dsn_message(dsn: Any) -> str:
-    redacted = redact_dsn(dsn) if isinstance(dsn, str) else dsn
-    return (
-        f"invalid dsn={redacted!r}: expected a PostgreSQL connection string such as "
-        "postgresql://postgres@127.0.0.1:5432/test or 'host=127.0.0.1 dbname=test'"
-    )
-
-
-def _server_address(dsn: str) -> str:
-    """Return the `host:port` that libpq connects to for `dsn`."""
-    from psycopg.conninfo import conninfo_to_dict
-
-    settings = conninfo_to_dict(dsn)
-    host = settings.get("host") or os.environ.get("PGHOST") or "localhost"
-    port = settings.get("port") or os.environ.get("PGPORT") or "5432"
-    return f"{host}:{port}"
-
-
-def _error_reason(exc: BaseException, dsn: str) -> str:
-    """Return the first line of a psycopg error, without the DSN's password."""
-    from psycopg.conninfo import conninfo_to_dict
-
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    reason = lines[0]
-    # A connection error reads 'connection failed: connection to server at
-    # "HOST", port PORT failed: REASON'. Keep the reason, because the callers
-    # name the address themselves.
-    if "failed: " in reason:
-        reason = reason.rsplit("failed: ", 1)[1]
-    reason = reason.removeprefix("FATAL:").strip()
-    password = conninfo_to_dict(dsn).get("password") if dsn else None
-    if password:
-        reason = reason.replace(str(password), "***")
-    return reason[:1].lower() + reason[1:]
-
-
-def _is_rejected(exc: BaseException) -> bool:
-    """Tell whether the server rejected a connection for a reason that lasts."""
-    message = str(exc)
-    if "FATAL:" not in message:
-        return False
-    return not any(phrase in message for phrase in _TRANSIENT_REJECTIONS)
-
-
-def _rejected_message(dsn: str, exc: BaseException) -> str:
-    return (
-        f"PostgreSQL at {_server_address(dsn)} rejected the connection "
-        f"({_error_reason(exc, dsn)}); check the user, password and database "
-        f"of the DSN {redact_dsn(dsn)!r}"
-    )
-
-
-def _unreachable_error(
-    dsn: str, exc: BaseException, attempts: int
-) -> StreamUnavailableError:
-    return StreamUnavailableError(
-        f"connection to PostgreSQL at {_server_address(dsn)} failed "
-        f"({_error_reason(exc, dsn)}) after {attempts} attempts; start the "
-        f"server, or check the DSN {redact_dsn(dsn)!r}"
-    )
-
-
-def _backoff_s(retry: int) -> float:
-    delay_s = min(_BACKOFF_FIRST_S * 2 ** (retry - 1), _BACKOFF_MAX_S)
-    # Random jitter spreads out the processes that lost one server together.
-    return delay_s * random.uniform(0.5, 1.0)
-
-
-def _check_table_name(name: Any, argument: str) -> str:
-    if not isinstance(name, str) or not _TABLE_NAME.fullmatch(name):
-        raise ParameterError(
-            f"invalid {argument}={name!r}: expected a table name or "
-            "schema.table, of letters, digits and '_'"
-        )
-    return name
-
-
-def _table_identifier(name: str) -> sql.Composable:
-    from psycopg import sql
-
-    # PostgreSQL folds unquoted names to lowercase; quoting keeps the case,
-    # so fold first to name the same table as the unquoted SQL does.
-    return sql.Identifier(*name.lower().split("."))
 
 
 def _missing_item_ids_message(ctx: NodeContext) -> str:

@@ -30,13 +30,13 @@ import click
 
 from engine.errors import EngineError
 from engine.logs import LOG_LEVELS, configure_logging
-from nodes.postgres import (
+from nodes.migrations import (
     MIGRATIONS_TABLE,
     Migration,
     migrate_postgres,
     migration_status,
-    redact_dsn,
 )
+from nodes.postgres_connection import redact_dsn
 
 MIGRATIONS = Path(__file__).resolve().parents[1] / "examples" / "migrations"
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"

@@ -72,7 +72,7 @@ def map_reduce_lock():
     require_service("PostgreSQL", 5432)
     import psycopg
 
-    from nodes.postgres import migrate_postgres
+    from nodes.migrations import migrate_postgres
 
     with psycopg.connect(POSTGRES_DSN, autocommit=True) as connection:
         connection.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
