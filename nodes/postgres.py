@@ -15,12 +15,22 @@ never uses PostgreSQL pays for neither.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.context import Param
-from engine.errors import ParameterError, PipelineError
+from engine.errors import ParameterError
+from nodes._retry import retry_with_backoff
+from nodes._sink_options import (
+    Row,
+    as_statements,
+    batch_item_ids,
+    check_max_retries,
+    check_sink_arguments,
+    check_statement,
+    iter_rows,
+    resolve_dedupe,
+)
 from nodes.migrations import (
     MIGRATIONS_TABLE,
     Migration,
@@ -30,7 +40,8 @@ from nodes.migrations import (
     migration_status,
 )
 from nodes.postgres_connection import (
-    _backoff_s,
+    _BACKOFF_FIRST_S,
+    _BACKOFF_MAX_S,
     _check_dsn,
     _check_table_name,
     _error_reason,
@@ -45,7 +56,6 @@ from nodes.postgres_connection import (
     read_postgres,
     redact_dsn,
 )
-from nodes.sqlite import _as_bool, _as_statements, _check_statement
 
 if TYPE_CHECKING:
     import psycopg
@@ -70,9 +80,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# One row of statement parameters: positional for `%s` placeholders, or
-# named for `%(name)s` placeholders.
-Row = Sequence[Any] | Mapping[str, Any]
 
 # The table that records the ids of applied items, in the first schema of the
 # connection's search_path unless the sink names another one.
@@ -135,30 +142,10 @@ class PostgresSink:
     ) -> None:
         if not isinstance(dsn, Param) and (not isinstance(dsn, str) or not dsn):
             raise ParameterError(_invalid_dsn_message(dsn))
-        if not isinstance(statement, Param):
-            _check_statement(statement)
-        if not isinstance(schema, Param):
-            _as_statements(schema)
-        if not isinstance(dedupe, Param):
-            _as_bool(dedupe, "dedupe")
-        if rows is not None and not callable(rows):
-            raise ParameterError(
-                f"invalid rows={rows!r} for PostgresSink: expected a function "
-                "from an item to its parameter rows, such as "
-                "rows=lambda counts: counts.items()"
-            )
+        check_sink_arguments(statement, schema, dedupe, rows, "PostgresSink")
         if dedupe_table is not None:
             _check_table_name(dedupe_table, "dedupe_table")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int):
-            raise ParameterError(
-                f"invalid max_retries={max_retries!r} for PostgresSink: "
-                "expected an integer"
-            )
-        if max_retries < 0:
-            raise ParameterError(
-                f"invalid max_retries={max_retries} for PostgresSink: "
-                "max_retries must be 0 or more"
-            )
+        check_max_retries(max_retries, "PostgresSink")
         if not isinstance(connect_timeout_s, int | float) or connect_timeout_s <= 0:
             raise ParameterError(
                 f"invalid connect_timeout_s={connect_timeout_s!r} for "
@@ -188,11 +175,9 @@ class PostgresSink:
     def setup(self, ctx: NodeContext) -> None:
         """Resolve the settings, connect and create the schema."""
         self._dsn = _check_dsn(ctx.resolve(self.dsn))
-        self._statement = _check_statement(ctx.resolve(self.statement))
-        statements = _as_statements(ctx.resolve(self.schema))
-        self._is_deduped = _as_bool(ctx.resolve(self.dedupe), "dedupe")
-        if self._is_deduped and not hasattr(ctx, "item_ids"):
-            raise PipelineError(_missing_item_ids_message(ctx))
+        self._statement = check_statement(ctx.resolve(self.statement))
+        statements = as_statements(ctx.resolve(self.schema))
+        self._is_deduped = resolve_dedupe(self.dedupe, ctx, "PostgresSink")
         # pg_stat_activity shows this name, so that a DBA can tell the
         # connections of each node process apart.
         self._application_name = (
@@ -220,7 +205,9 @@ class PostgresSink:
                 "PostgresSink got a batch before setup or after teardown; "
                 "the engine calls setup(ctx) first in each node process"
             )
-        item_ids = self._batch_item_ids(items, ctx) if self._is_deduped else None
+        item_ids = (
+            batch_item_ids(items, ctx, "PostgresSink") if self._is_deduped else None
+        )
 
         # NOTE: without dedupe, a connection lost during COMMIT can apply a
         # batch twice, because the sink cannot tell whether the commit reached
@@ -288,7 +275,9 @@ class PostgresSink:
             if item_ids is not None:
                 pending = self._claim_new_items(connection, items, item_ids)
             with connection.cursor() as cursor:
-                cursor.executemany(self._statement, self._iter_rows(pending))
+                cursor.executemany(
+                    self._statement, iter_rows(pending, self.rows, "PostgresSink")
+                )
         return len(pending)
 
     def _claim_new_items(
@@ -312,54 +301,48 @@ class PostgresSink:
                 new_items.append(item)
         return new_items
 
-    def _iter_rows(self, items: list[Any]) -> Iterator[Row]:
-        for item in items:
-            if self.rows is not None:
-                yield from self.rows(item)
-            elif isinstance(item, list | tuple | Mapping):
-                yield item
-            else:
-                raise TypeError(
-                    f"PostgresSink got an item of type {type(item).__name__}: "
-                    f"{item!r}; expected a list, tuple or dict of statement "
-                    "parameters, or pass rows= to map each item to its rows"
-                )
-
     def _run_with_retries(self, operation: Callable[[psycopg.Connection], T]) -> T:
         """Run `operation` on the connection, reconnecting after transient errors."""
+        return retry_with_backoff(
+            lambda: operation(self._connect()),
+            describe_transient=self._describe_transient,
+            max_retries=self.max_retries,
+            first_delay_s=_BACKOFF_FIRST_S,
+            max_delay_s=_BACKOFF_MAX_S,
+            logger=logger,
+            give_up=self._error_after_last_retry,
+        )
+
+    def _connect(self) -> psycopg.Connection:
+        if self._connection is None:
+            self._connection = _open_connection(
+                self._dsn, self._application_name, self.connect_timeout_s
+            )
+        return self._connection
+
+    def _describe_transient(self, exc: Exception) -> str | None:
         import psycopg
 
-        retry = 0
-        while True:
-            try:
-                if self._connection is None:
-                    self._connection = _open_connection(
-                        self._dsn, self._application_name, self.connect_timeout_s
-                    )
-                return operation(self._connection)
-            except psycopg.Error as exc:
-                if self._connection is None and _is_rejected(exc):
-                    raise ParameterError(_rejected_message(self._dsn, exc)) from exc
-                problem = self._transient_problem(exc)
-                if problem is None:
-                    raise
-                if retry == self.max_retries and self._connection is not None:
-                    raise
-                if retry == self.max_retries:
-                    raise _unreachable_error(self._dsn, exc, retry + 1) from exc
-                reason = _error_reason(exc, self._dsn)
-            retry += 1
-            delay_s = _backoff_s(retry)
-            logger.warning(
-                "PostgreSQL at %s: %s (%s); retry %d of %d in %.2f s",
-                _server_address(self._dsn),
-                problem,
-                reason,
-                retry,
-                self.max_retries,
-                delay_s,
-            )
-            time.sleep(delay_s)
+        if not isinstance(exc, psycopg.Error):
+            return None
+        if self._connection is None and _is_rejected(exc):
+            raise ParameterError(_rejected_message(self._dsn, exc)) from exc
+        problem = self._transient_problem(exc)
+        if problem is None:
+            return None
+        return (
+            f"PostgreSQL at {_server_address(self._dsn)}: {problem} "
+            f"({_error_reason(exc, self._dsn)})"
+        )
+
+    def _error_after_last_retry(
+        self, exc: Exception, attempts: int
+    ) -> Exception | None:
+        # Without a connection, the server stayed unreachable. With one, the
+        # last transaction's own error is raised as it is.
+        if self._connection is None:
+            return _unreachable_error(self._dsn, exc, attempts)
+        return None
 
     def _transient_problem(self, exc: psycopg.Error) -> str | None:
         """Describe a transient error, or return None for an error to raise.
@@ -381,23 +364,3 @@ class PostgresSink:
         if sqlstate.startswith("40"):
             return f"transaction rolled back, SQLSTATE {sqlstate}"
         return None
-
-    def _batch_item_ids(self, items: list[Any], ctx: NodeContext) -> list[str]:
-        item_ids = getattr(ctx, "item_ids", None)
-        if item_ids is None or (items and not item_ids):
-            raise PipelineError(_missing_item_ids_message(ctx))
-        if len(item_ids) != len(items):
-            raise RuntimeError(
-                f"ctx.item_ids has {len(item_ids)} ids for a batch of "
-                f"{len(items)} items in node {ctx.node!r}; the engine must "
-                "give one id per item"
-            )
-        return [str(item_id) for item_id in item_ids]
-
-
-def _missing_item_ids_message(ctx: NodeContext) -> str:
-    return (
-        f"PostgresSink(dedupe=True) in node {ctx.node!r} needs the item ids "
-        "of each batch in ctx.item_ids, and this engine does not set them; "
-        "pass dedupe=False"
-    )

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine.context import Param
 from engine.errors import ParameterError, StreamUnavailableError
-from nodes.sqlite import _check_statement
+from nodes._retry import retry_with_backoff
+from nodes._sink_options import check_statement
 
 if TYPE_CHECKING:
     import psycopg
@@ -30,6 +29,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The first and the maximum wait before a retry of connect_postgres or
+# PostgresSink.
 _BACKOFF_FIRST_S = 0.1
 _BACKOFF_MAX_S = 5.0
 # Phrases of the FATAL connection errors that a retry can fix, because the
@@ -66,33 +67,31 @@ def connect_postgres(
     that the server rejects. Their messages name the server's host and port,
     and show the DSN with its password as `***`.
     """
+    dsn = _check_dsn(dsn)
+    connection = retry_with_backoff(
+        lambda: _open_connection(dsn, application_name, connect_timeout_s),
+        describe_transient=lambda exc: _describe_connect_failure(dsn, exc),
+        max_retries=max_retries,
+        first_delay_s=_BACKOFF_FIRST_S,
+        max_delay_s=_BACKOFF_MAX_S,
+        logger=logger,
+        give_up=lambda exc, attempts: _unreachable_error(dsn, exc, attempts),
+    )
+    connection.autocommit = autocommit
+    return connection
 
+
+def _describe_connect_failure(dsn: str, exc: Exception) -> str | None:
     import psycopg
 
-    dsn = _check_dsn(dsn)
-    retry = 0
-    while True:
-        try:
-            connection = _open_connection(dsn, application_name, connect_timeout_s)
-        except psycopg.OperationalError as exc:
-            if _is_rejected(exc):
-                raise ParameterError(_rejected_message(dsn, exc)) from exc
-            if retry == max_retries:
-                raise _unreachable_error(dsn, exc, retry + 1) from exc
-            retry += 1
-            delay_s = _backoff_s(retry)
-            logger.warning(
-                "connection to PostgreSQL at %s failed (%s); retry %d of %d in %.2f s",
-                _server_address(dsn),
-                _error_reason(exc, dsn),
-                retry,
-                max_retries,
-                delay_s,
-            )
-            time.sleep(delay_s)
-            continue
-        connection.autocommit = autocommit
-        return connection
+    if not isinstance(exc, psycopg.OperationalError):
+        return None
+    if _is_rejected(exc):
+        raise ParameterError(_rejected_message(dsn, exc)) from exc
+    return (
+        f"connection to PostgreSQL at {_server_address(dsn)} failed "
+        f"({_error_reason(exc, dsn)})"
+    )
 
 
 def read_postgres(
@@ -110,7 +109,7 @@ def read_postgres(
     reached, and `psycopg.Error` when the query fails.
     """
     _check_dsn(dsn)
-    _check_statement(query)
+    check_statement(query)
     return _iter_query_rows(dsn, query, params)
 
 
@@ -230,12 +229,6 @@ def _unreachable_error(
         f"({_error_reason(exc, dsn)}) after {attempts} attempts; start the "
         f"server, or check the DSN {redact_dsn(dsn)!r}"
     )
-
-
-def _backoff_s(retry: int) -> float:
-    delay_s = min(_BACKOFF_FIRST_S * 2 ** (retry - 1), _BACKOFF_MAX_S)
-    # Random jitter spreads out the processes that lost one server together.
-    return delay_s * random.uniform(0.5, 1.0)
 
 
 def _check_table_name(name: Any, argument: str) -> str:

@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.context import Param
-from engine.errors import ParameterError, PipelineError
+from engine.errors import ParameterError
+from nodes._retry import retry_with_backoff
+from nodes._sink_options import (
+    Row,
+    as_statements,
+    batch_item_ids,
+    check_max_retries,
+    check_sink_arguments,
+    check_statement,
+    iter_rows,
+    resolve_dedupe,
+)
 
 if TYPE_CHECKING:
     from engine.context import NodeContext
@@ -27,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PathLike = str | os.PathLike[str]
-# One row of statement parameters: positional, or named for `:name` placeholders.
-Row = Sequence[Any] | Mapping[str, Any]
 
 # The table in the sink's own database that records the ids of applied items.
 APPLIED_TABLE = "monomyth_applied"
@@ -82,18 +89,7 @@ class SQLiteSink:
         busy_timeout_s: float = 5.0,
         max_retries: int = 5,
     ) -> None:
-        if not isinstance(statement, Param):
-            _check_statement(statement)
-        if not isinstance(schema, Param):
-            _as_statements(schema)
-        if not isinstance(dedupe, Param):
-            _as_bool(dedupe, "dedupe")
-        if rows is not None and not callable(rows):
-            raise ParameterError(
-                f"invalid rows={rows!r} for SQLiteSink: expected a function "
-                "from an item to its parameter rows, such as "
-                "rows=lambda counts: counts.items()"
-            )
+        check_sink_arguments(statement, schema, dedupe, rows, "SQLiteSink")
         if combine is not None and not callable(combine):
             raise ParameterError(
                 f"invalid combine={combine!r} for SQLiteSink: expected a function "
@@ -104,16 +100,7 @@ class SQLiteSink:
                 f"invalid busy_timeout_s={busy_timeout_s!r} for SQLiteSink: "
                 "busy_timeout_s must be 0 or more"
             )
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int):
-            raise ParameterError(
-                f"invalid max_retries={max_retries!r} for SQLiteSink: "
-                "expected an integer"
-            )
-        if max_retries < 0:
-            raise ParameterError(
-                f"invalid max_retries={max_retries} for SQLiteSink: "
-                "max_retries must be 0 or more"
-            )
+        check_max_retries(max_retries, "SQLiteSink")
 
         self.path = path
         self.statement = statement
@@ -132,11 +119,9 @@ class SQLiteSink:
     def setup(self, ctx: NodeContext) -> None:
         """Resolve the settings, open the database and create the schema."""
         self._path = _as_path(ctx.resolve(self.path))
-        self._statement = _check_statement(ctx.resolve(self.statement))
-        statements = _as_statements(ctx.resolve(self.schema))
-        self._is_deduped = _as_bool(ctx.resolve(self.dedupe), "dedupe")
-        if self._is_deduped and not hasattr(ctx, "item_ids"):
-            raise PipelineError(_missing_item_ids_message(ctx))
+        self._statement = check_statement(ctx.resolve(self.statement))
+        statements = as_statements(ctx.resolve(self.schema))
+        self._is_deduped = resolve_dedupe(self.dedupe, ctx, "SQLiteSink")
         if self._is_deduped:
             statements.append(
                 f"CREATE TABLE IF NOT EXISTS {APPLIED_TABLE} "
@@ -159,7 +144,9 @@ class SQLiteSink:
     def __call__(self, items: list[Any], ctx: NodeContext) -> None:
         """Apply the batch in one transaction, retrying while it is locked."""
         connection = self._require_connection()
-        item_ids = self._batch_item_ids(items, ctx) if self._is_deduped else None
+        item_ids = (
+            batch_item_ids(items, ctx, "SQLiteSink") if self._is_deduped else None
+        )
 
         applied_count = self._retry_locked(
             lambda: self._apply(connection, items, item_ids)
@@ -208,7 +195,9 @@ class SQLiteSink:
             if item_ids is not None:
                 pending = self._claim_new_items(connection, items, item_ids)
             merged = self.combine(pending) if self.combine and pending else pending
-            connection.executemany(self._statement, self._iter_rows(merged))
+            connection.executemany(
+                self._statement, iter_rows(merged, self.rows, "SQLiteSink")
+            )
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
@@ -231,19 +220,6 @@ class SQLiteSink:
                 new_items.append(item)
         return new_items
 
-    def _iter_rows(self, items: list[Any]) -> Iterator[Row]:
-        for item in items:
-            if self.rows is not None:
-                yield from self.rows(item)
-            elif isinstance(item, list | tuple | Mapping):
-                yield item
-            else:
-                raise TypeError(
-                    f"SQLiteSink got an item of type {type(item).__name__}: "
-                    f"{item!r}; expected a list, tuple or dict of statement "
-                    "parameters, or pass rows= to map each item to its rows"
-                )
-
     def _run_schema(
         self, connection: sqlite3.Connection, statements: list[str]
     ) -> None:
@@ -258,37 +234,19 @@ class SQLiteSink:
             raise
 
     def _retry_locked(self, operation: Callable[[], T]) -> T:
-        for retry in range(1, self.max_retries + 1):
-            try:
-                return operation()
-            except sqlite3.OperationalError as exc:
-                if not _is_locked_error(exc):
-                    raise
-                delay_s = min(_BACKOFF_FIRST_S * 2 ** (retry - 1), _BACKOFF_MAX_S)
-                # Random jitter spreads out processes that waited on one lock.
-                delay_s *= random.uniform(0.5, 1.0)
-                logger.warning(
-                    "database %s is locked (%s); retry %d of %d in %.2f s",
-                    self._path,
-                    exc,
-                    retry,
-                    self.max_retries,
-                    delay_s,
-                )
-                time.sleep(delay_s)
-        return operation()
+        return retry_with_backoff(
+            operation,
+            describe_transient=self._describe_locked,
+            max_retries=self.max_retries,
+            first_delay_s=_BACKOFF_FIRST_S,
+            max_delay_s=_BACKOFF_MAX_S,
+            logger=logger,
+        )
 
-    def _batch_item_ids(self, items: list[Any], ctx: NodeContext) -> list[str]:
-        item_ids = getattr(ctx, "item_ids", None)
-        if item_ids is None or (items and not item_ids):
-            raise PipelineError(_missing_item_ids_message(ctx))
-        if len(item_ids) != len(items):
-            raise RuntimeError(
-                f"ctx.item_ids has {len(item_ids)} ids for a batch of "
-                f"{len(items)} items in node {ctx.node!r}; the engine must "
-                "give one id per item"
-            )
-        return [str(item_id) for item_id in item_ids]
+    def _describe_locked(self, exc: Exception) -> str | None:
+        if isinstance(exc, sqlite3.OperationalError) and _is_locked_error(exc):
+            return f"database {self._path} is locked ({exc})"
+        return None
 
     def _require_connection(self) -> sqlite3.Connection:
         if self._connection is None:
@@ -315,7 +273,7 @@ def read_sqlite(
             f"database {str(file)!r} not found; "
             "pass an existing SQLite file with -p input=PATH"
         )
-    _check_statement(query)
+    check_statement(query)
     return _iter_query_rows(file, query, params)
 
 
@@ -340,14 +298,6 @@ def _is_locked_error(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-def _missing_item_ids_message(ctx: NodeContext) -> str:
-    return (
-        f"SQLiteSink(dedupe=True) in node {ctx.node!r} needs the item ids "
-        "of each batch in ctx.item_ids, and this engine does not set them; "
-        "pass dedupe=False"
-    )
-
-
 def _as_path(value: Any) -> Path:
     if isinstance(value, Param):
         raise TypeError(
@@ -357,32 +307,3 @@ def _as_path(value: Any) -> Path:
     if not isinstance(value, str | os.PathLike):
         raise ParameterError(f"invalid path={value!r}: expected a file path")
     return Path(value)
-
-
-def _check_statement(statement: Any) -> str:
-    if not isinstance(statement, str) or not statement.strip():
-        raise ParameterError(
-            f"invalid SQL statement {statement!r}: expected a non-empty string"
-        )
-    return statement
-
-
-def _as_statements(schema: Any) -> list[str]:
-    if isinstance(schema, str):
-        return [_check_statement(schema)]
-    if not isinstance(schema, Sequence):
-        raise ParameterError(
-            f"invalid schema={schema!r}: expected an SQL statement or a list of them"
-        )
-    return [_check_statement(statement) for statement in schema]
-
-
-def _as_bool(value: Any, name: str) -> bool:
-    # A run parameter given on the command line may be text, such as "true".
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
-        return True
-    if isinstance(value, str) and value.lower() in ("false", "0", "no"):
-        return False
-    raise ParameterError(f"invalid {name}={value!r}: expected true or false")
