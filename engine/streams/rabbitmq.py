@@ -342,7 +342,8 @@ class RabbitMQStream(
         Limits: the transaction is atomic when this process or its connection
         fails, but RabbitMQ does not keep it atomic when the broker itself
         fails during the commit: the results may then survive in some queues
-        only, and acked deliveries may come back (see `_commit`). With no
+        only, and acked deliveries may come back (see `_commit` in
+        `engine/streams/_rabbitmq_transactions.py`). With no
         deliveries, a connection lost during the call makes it publish the
         messages again, so some may arrive twice, as with `publish`.
         """
