@@ -276,7 +276,7 @@ def worker(
     drain_timeout: float,
 ) -> None:
     """Run the nodes that a master starts on this host, one process each."""
-    from engine.worker import Worker
+    from engine.forkserver import start_forkserver
 
     host, port = _parse_address(master_address, "--master")
     secret = _read_secret(secret_file)
@@ -285,6 +285,11 @@ def worker(
             f"missing cluster secret: pass --secret-file PATH or set "
             f"${SECRET_VARIABLE}, the same as the master's"
         )
+    # The forkserver imports the node runtime while this process imports the
+    # worker and registers with the master.
+    start_forkserver(stream_url)
+    from engine.worker import Worker
+
     supervisor = Worker(
         host,
         port,

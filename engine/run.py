@@ -2,8 +2,9 @@
 
     engine run PIPELINE.py              LocalRun: master (threads) and display
     └── engine worker --exit-with-master      the worker, one process
-        ├── node process worker-1/<pipeline>.<node>#1
-        └── ...
+        └── forkserver                        see engine/forkserver.py
+            ├── node process worker-1/<pipeline>.<node>#1
+            └── ...
 
 The run uses the same master, worker and MMOP as a cluster, over loopback
 with a secret generated for the run, and the embedded SQLite stream. It ends
@@ -243,7 +244,7 @@ class LocalRun:
         command = [
             sys.executable,
             "-m",
-            "engine.cli",
+            "engine",
             "--log-level",
             self.log_level,
             "--log-format",

@@ -29,6 +29,7 @@ import time
 import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for_ready
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -167,6 +168,8 @@ def node_main(
     # The worker coordinates shutdown: Ctrl-C in a terminal reaches the whole
     # process group, but a node stops only when its worker sends SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Blocked in the forkserver, which this process may be a fork of.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     _ask_for_sigterm_on_parent_death()
 
     try:
@@ -177,6 +180,7 @@ def node_main(
 
     runner = NodeRunner(launch, recipe, status, complete, counters, in_flight)
     signal.signal(signal.SIGTERM, runner.request_stop)
+    _stop_when_worker_exits(runner)
     try:
         outcome = runner.run()
     except Exception as exc:
@@ -191,9 +195,32 @@ def node_main(
         logger.info("node %s %s; its worker is gone", launch.node_id, outcome[0])
 
 
+def _stop_when_worker_exits(runner: NodeRunner) -> None:
+    """Start a thread that makes `runner` drain once the worker has exited.
+
+    The worker need not be the parent process: a node forked by the
+    forkserver learns of the worker's death, even by SIGKILL, from the
+    sentinel that multiprocessing gives it.
+    """
+    worker = multiprocessing.parent_process()
+    if worker is None:
+        return
+
+    def watch() -> None:
+        wait_for_ready([worker.sentinel])
+        logger.warning(
+            "node %s lost its worker (pid %d); draining",
+            runner.launch.node_id,
+            worker.pid,
+        )
+        runner.request_stop()
+
+    threading.Thread(target=watch, name="worker-watch", daemon=True).start()
+
+
 def _ask_for_sigterm_on_parent_death() -> None:
-    # Linux only: the kernel sends SIGTERM when the worker dies, even by SIGKILL,
-    # so the node drains and exits instead of running on as an orphan.
+    # Linux only: the kernel sends SIGTERM when the parent dies, even by SIGKILL:
+    # the worker, or the forkserver that forked this process.
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
@@ -259,7 +286,6 @@ class NodeRunner:
         self.complete = complete
         self.counters = counters
         self.is_stop_requested = False
-        self.parent_pid = os.getppid()
         self.process = psutil.Process()
         self.context = NodeContext(
             pipeline=recipe.pipeline,
@@ -408,13 +434,6 @@ class NodeRunner:
         return all(depth == 0 for depth in self.stream.depths(queues).values())
 
     def _should_stop(self) -> bool:
-        if not self.is_stop_requested and os.getppid() != self.parent_pid:
-            logger.warning(
-                "node %s lost its worker (parent pid %d); draining",
-                self.launch.node_id,
-                self.parent_pid,
-            )
-            self.is_stop_requested = True
         return self.is_stop_requested
 
     def _memory_over_limit(self) -> str | None:

@@ -22,7 +22,13 @@ from tests.end_to_end.test_wordcount import expected_counts, make_corpus, read_c
 from tests.end_to_end.test_wordcount_postgres import (
     read_counts as read_postgres_counts,
 )
-from tests.helpers import POSTGRES_DSN, is_listening, require_service, wait_for
+from tests.helpers import (
+    POSTGRES_DSN,
+    is_listening,
+    node_processes,
+    require_service,
+    wait_for,
+)
 
 WORDCOUNT = str(EXAMPLES / "wordcount.py")
 API_OFF = ("--api", "off")
@@ -433,21 +439,21 @@ def test_killed_worker_leaves_no_nodes(tmp_path: Path, cluster, write_pipeline) 
         f"output={tmp_path / 'counts.db'}",
     )
     worker = cluster.start_worker("worker-a")
-    parent = psutil.Process(worker.pid)
     wait_for(
-        lambda: len(parent.children()) >= 4,
+        lambda: len(node_processes(worker.pid)) >= 4,
         timeout_s=60,
         what="the worker's node processes",
     )
-    nodes = parent.children()
+    # The nodes, and the forkserver and resource tracker that serve them.
+    descendants = psutil.Process(worker.pid).children(recursive=True)
 
     # Only the worker: its nodes must notice and exit on their own.
     os.kill(worker.pid, signal.SIGKILL)
 
-    def nodes_gone() -> bool:
-        return not any(p.is_running() and p.status() != "zombie" for p in nodes)
+    def all_gone() -> bool:
+        return not any(p.is_running() and p.status() != "zombie" for p in descendants)
 
-    wait_for(nodes_gone, timeout_s=30, what="the orphaned node processes to exit")
+    wait_for(all_gone, timeout_s=30, what="the orphaned node processes to exit")
 
 
 def test_cluster_wordcount_into_postgres(
