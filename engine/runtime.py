@@ -95,8 +95,18 @@ class NodeProcessDiedError(EngineError):
     """A node process died while processing an item, more often than retries allow."""
 
 
-# How long an idle transform waits between checks of its stop and complete flags.
+# The time an idle transform spends on one pull and the wait after it, so that
+# it does not spin on empty pulls.
 IDLE_PULL_TIMEOUT_S = 0.2
+# How often an idle node reads its complete flag while it waits between pulls.
+FLAG_CHECK_INTERVAL_S = 0.02
+# How long the first pull after a batch waits before the complete flag is read,
+# because an upstream node usually completes right after its last batch. Then
+# the pull goes on waiting for its batch to fill, up to batch_timeout_s in all.
+FLAG_AFTER_BATCH_S = 0.02
+# The first wait of a completing node whose inputs are not drained yet, such as
+# items that a sibling process holds. Each wait doubles, up to IDLE_PULL_TIMEOUT_S.
+DRAIN_CHECK_MIN_S = 0.01
 
 
 class SharedFlag:
@@ -397,13 +407,18 @@ class NodeRunner:
     def _run_consumer(self) -> tuple:
         settings = self.spec.settings
         queues = list(self.recipe.input_queues)
+        drain_wait_s = DRAIN_CHECK_MIN_S
+        first_wait_s = FLAG_AFTER_BATCH_S
         while True:
             if self._should_stop():
                 return ("stopped", self.stats())
             is_completing = self.complete.is_set()
-            deliveries = self.stream.pull(
-                queues, settings.batch_size, settings.batch_timeout_s
-            )
+            if is_completing:
+                # Upstream has completed, so only retries and redeliveries can
+                # still arrive: waiting for the batch to fill gains nothing.
+                deliveries = self.stream.pull(queues, settings.batch_size, 0.0)
+            else:
+                deliveries = self._pull_until_complete(queues, first_wait_s)
             if deliveries:
                 started_ns = time.perf_counter_ns()
                 self._process_batch(deliveries)
@@ -411,14 +426,23 @@ class NodeRunner:
                 reason = self._memory_over_limit()
                 if reason:
                     return ("recycle", reason)
+                drain_wait_s = DRAIN_CHECK_MIN_S
+                first_wait_s = FLAG_AFTER_BATCH_S
                 continue
-            # The flag is read before the pull: an empty pull after it was set
-            # means every upstream item published before completion was seen.
+            # The flag is read before the pull: an empty pull after it was set,
+            # and input queues that count 0, mean every upstream item was seen.
             if is_completing and self._inputs_drained(queues):
                 return ("completed", self.stats())
+            if is_completing:
+                time.sleep(drain_wait_s)
+                drain_wait_s = min(2 * drain_wait_s, IDLE_PULL_TIMEOUT_S)
+                continue
+            # Idle: the next pull waits in one piece, because each piece starts
+            # polling the stream at short intervals again.
+            first_wait_s = settings.batch_timeout_s
             if settings.batch_timeout_s < IDLE_PULL_TIMEOUT_S:
                 # An idle node waits here instead of spinning on empty pulls.
-                time.sleep(IDLE_PULL_TIMEOUT_S - settings.batch_timeout_s)
+                self._wait_for_complete(IDLE_PULL_TIMEOUT_S - settings.batch_timeout_s)
 
     def _record_batch_duration(self, duration_ns: int) -> None:
         """Count one batch, from its pull to its ack, in the shared histogram."""
@@ -432,6 +456,38 @@ class NodeRunner:
 
     def _inputs_drained(self, queues: list[str]) -> bool:
         return all(depth == 0 for depth in self.stream.depths(queues).values())
+
+    def _pull_until_complete(
+        self, queues: list[str], first_wait_s: float
+    ) -> list[Delivery]:
+        """Pull a batch, waiting up to batch_timeout_s for it to fill.
+
+        After `first_wait_s` seconds of the wait the complete flag is read:
+        once it is set, or a stop is requested, the pull returns what it has.
+        """
+        settings = self.spec.settings
+        started = time.monotonic()
+        first_wait_s = min(first_wait_s, settings.batch_timeout_s)
+        deliveries = self.stream.pull(queues, settings.batch_size, first_wait_s)
+        if len(deliveries) >= settings.batch_size:
+            return deliveries
+        if self.complete.is_set() or self.is_stop_requested:
+            return deliveries
+        remaining_s = settings.batch_timeout_s - (time.monotonic() - started)
+        if remaining_s <= 0:
+            return deliveries
+        count = settings.batch_size - len(deliveries)
+        return deliveries + self.stream.pull(queues, count, remaining_s)
+
+    def _wait_for_complete(self, timeout_s: float) -> None:
+        """Sleep up to `timeout_s`, but wake once the complete flag is set or a
+        stop is requested."""
+        deadline = time.monotonic() + timeout_s
+        while not (self.complete.is_set() or self.is_stop_requested):
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return
+            time.sleep(min(FLAG_CHECK_INTERVAL_S, remaining_s))
 
     def _should_stop(self) -> bool:
         return self.is_stop_requested

@@ -954,3 +954,53 @@ def test_killed_forkserver_nodes_restarted(tmp_path, write_pipeline) -> None:
     connection.close()
     # The sink's dedupe keeps each number once, even if it was redelivered.
     assert sorted(values) == list(range(300))
+
+
+# One item fails once, and its retry becomes visible only after the source
+# has completed and the transform's completion flag is set.
+LATE_RETRY = """
+from pathlib import Path
+
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("lateretry", params={"output": "out.jsonl", "marker": ""})
+
+
+@pipeline.source()
+def numbers():
+    yield from range(5)
+
+
+@pipeline.transform(after="numbers", processes=2, batch_size=1, retry_backoff_s=1.0)
+def flaky(number, ctx):
+    marker = Path(ctx.params["marker"])
+    if number == 3 and not marker.exists():
+        marker.touch()
+        raise RuntimeError("fails once")
+    return number
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="flaky")
+"""
+
+
+def test_completion_waits_for_delayed_retry(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(LATE_RETRY)
+    output = tmp_path / "out.jsonl"
+    marker = tmp_path / "failed-once"
+
+    result = run_engine(
+        "run",
+        str(pipeline),
+        "-p",
+        f"output={output}",
+        "-p",
+        f"marker={marker}",
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert marker.exists()
+    written = sorted(json.loads(line) for line in output.read_text().splitlines())
+    assert written == [0, 1, 2, 3, 4]
