@@ -330,7 +330,10 @@ class LocalRun:
             if self.interrupts >= 2 or time.monotonic() > deadline:
                 self._kill_worker()
                 break
-            time.sleep(0.05)
+            # Returns within milliseconds of the exit; the timeout only bounds
+            # how long a second Ctrl-C waits to be seen.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.worker.wait(timeout=0.05)
         self.worker.wait()
 
     def _hold_until_interrupted(self, api_url: str) -> None:
