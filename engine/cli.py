@@ -23,9 +23,7 @@ from pathlib import Path
 
 import click
 
-from engine.commands import CONTROL_COMMANDS
 from engine.errors import EngineError, ParameterError
-from engine.failqueue import fail_queue
 from engine.logs import LOG_LEVELS, configure_logging
 
 logger = logging.getLogger(__name__)
@@ -108,7 +106,40 @@ def _read_secret(secret_file: Path | None) -> bytes | None:
     return secret.encode() if secret else None
 
 
-@click.group(help=__doc__)
+class _EngineGroup(click.Group):
+    """The `engine` group, which imports the operator commands on first use.
+
+    `engine run` and `engine worker` start every run, so they skip importing
+    the HTTP client and the fail-queue code that only the operator commands
+    (`engine status`, `engine fail-queue` and the others) need.
+    """
+
+    has_operator_commands = False
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and not self.has_operator_commands:
+            self._add_operator_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_operator_commands()
+        return super().list_commands(ctx)
+
+    def _add_operator_commands(self) -> None:
+        if self.has_operator_commands:
+            return
+        from engine.commands import CONTROL_COMMANDS
+        from engine.failqueue import fail_queue
+
+        self.add_command(fail_queue)
+        for command in CONTROL_COMMANDS:
+            self.add_command(command)
+        self.has_operator_commands = True
+
+
+@click.group(cls=_EngineGroup, help=__doc__)
 @click.option(
     "--log-level",
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
@@ -405,11 +436,6 @@ def master(
     except ParameterError as exc:
         raise click.UsageError(str(exc)) from exc
     click.get_current_context().exit(code)
-
-
-cli.add_command(fail_queue)
-for _command in CONTROL_COMMANDS:
-    cli.add_command(_command)
 
 
 def main(args: list[str] | None = None) -> None:

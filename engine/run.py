@@ -35,14 +35,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.api import ControlAPI
 from engine.errors import EngineError, ParameterError
 from engine.loader import load_pipeline
 from engine.master import Master, TypeState
 from engine.progress import ProgressDisplay, format_summary
 from engine.streams import open_stream, redact_url, sqlite_file
+
+if TYPE_CHECKING:
+    from engine.api import ControlAPI
 
 logger = logging.getLogger(__name__)
 
@@ -118,16 +120,15 @@ class LocalRun:
             secret = secrets.token_hex(32)
             self.master = Master(secret.encode(), self.stream_url)
             self.master.start()
-            control = ControlAPI(
-                self.master, "127.0.0.1", 0, secret.encode(), self.stream_url
-            )
+            control: ControlAPI | None = None
             previous = signal.signal(signal.SIGINT, self._on_interrupt)
             try:
                 try:
                     self.master.add_pipeline(self.pipeline, self.params)
-                    control.start()
-                    control.write_discovery([self.pipeline.name])
+                    # The worker's interpreter starts while this process
+                    # imports and starts the control API.
                     self.worker = self._start_worker(self.master.port, secret)
+                    control = self._start_control_api(secret)
                     self.master.start_pipeline(
                         self.pipeline.name, run_sources=not self.resume
                     )
@@ -144,6 +145,7 @@ class LocalRun:
                     self._close_services(control)
                 outcome = self._finish(stream, status, time.monotonic() - started)
                 if self.hold and not self.interrupts:
+                    assert control is not None
                     self._hold_until_interrupted(control.url)
             finally:
                 signal.signal(signal.SIGINT, previous)
@@ -152,9 +154,20 @@ class LocalRun:
         finally:
             stream.close()
 
-    def _close_services(self, control: ControlAPI) -> None:
+    def _start_control_api(self, secret: str) -> ControlAPI:
+        from engine.api import ControlAPI
+
+        control = ControlAPI(
+            self.master, "127.0.0.1", 0, secret.encode(), self.stream_url
+        )
+        control.start()
+        control.write_discovery([self.pipeline.name])
+        return control
+
+    def _close_services(self, control: ControlAPI | None) -> None:
         """Stop the control API and the master; calling it again does nothing."""
-        control.close()
+        if control is not None:
+            control.close()
         self.master.close()
 
     def _lock_stream(self) -> None:
@@ -330,8 +343,8 @@ class LocalRun:
             if self.interrupts >= 2 or time.monotonic() > deadline:
                 self._kill_worker()
                 break
-            # Returns within milliseconds of the exit; the timeout only bounds
-            # how long a second Ctrl-C waits to be seen.
+            # `wait` returns within milliseconds of the exit. Its timeout only
+            # bounds how long a second Ctrl-C waits to be seen.
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.worker.wait(timeout=0.05)
         self.worker.wait()
