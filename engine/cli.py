@@ -79,6 +79,17 @@ def _parse_address(value: str, option: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _read_master_address() -> tuple[str, int]:
+    """Read the HOST:PORT line of `engine worker --master -` from standard input."""
+    line = sys.stdin.readline().strip()
+    if not line:
+        raise EngineError(
+            "standard input ended before the master's address arrived; with "
+            "--master -, write a line HOST:PORT to the worker's standard input"
+        )
+    return _parse_address(line, "--master")
+
+
 def _parse_api_address(value: str) -> tuple[str, int] | None:
     if value.strip().lower() == "off":
         return None
@@ -230,25 +241,37 @@ def run(
     Shows live progress per node and ends with a summary. Needs no service:
     the data stream is an SQLite file.
     """
-    from engine.run import LocalRun
+    from engine.local_worker import LocalWorker
 
     overrides = _parse_params(params)
+    # Started before the imports below: the worker starts up meanwhile.
+    local_worker = LocalWorker(
+        pipeline_file.resolve().parent,
+        context.obj["log_level"],
+        context.obj["log_format"],
+        drain_timeout,
+    )
     try:
-        local_run = LocalRun(
-            pipeline_file,
-            overrides,
-            stream_url=stream_url,
-            pipeline_name=pipeline_name,
-            purge=purge,
-            resume=resume,
-            drain_timeout_s=drain_timeout,
-            log_level=context.obj["log_level"],
-            log_format=context.obj["log_format"],
-            hold=hold,
-        )
-    except ParameterError as exc:
-        raise click.UsageError(str(exc)) from exc
-    outcome = local_run.execute()
+        from engine.run import LocalRun
+
+        try:
+            local_run = LocalRun(
+                pipeline_file,
+                overrides,
+                local_worker,
+                stream_url=stream_url,
+                pipeline_name=pipeline_name,
+                purge=purge,
+                resume=resume,
+                drain_timeout_s=drain_timeout,
+                hold=hold,
+            )
+        except ParameterError as exc:
+            raise click.UsageError(str(exc)) from exc
+        outcome = local_run.execute()
+    finally:
+        if not local_worker.has_master:
+            local_worker.kill()
     if outcome.status == "interrupted":
         context.exit(ExitCode.INTERRUPTED)
     if outcome.has_node_failures:
@@ -263,7 +286,8 @@ def run(
     "master_address",
     required=True,
     metavar="HOST:PORT",
-    help="Address of the master's MMOP port.",
+    help="Address of the master's MMOP port; - reads it from standard input, "
+    "as the worker of `engine run` does.",
 )
 @click.option(
     "--secret-file",
@@ -309,7 +333,8 @@ def worker(
     """Run the nodes that a master starts on this host, one process each."""
     from engine.forkserver import start_forkserver
 
-    host, port = _parse_address(master_address, "--master")
+    if master_address != "-":
+        host, port = _parse_address(master_address, "--master")
     secret = _read_secret(secret_file)
     if secret is None:
         raise click.UsageError(
@@ -321,6 +346,8 @@ def worker(
     start_forkserver(stream_url)
     from engine.worker import Worker
 
+    if master_address == "-":
+        host, port = _read_master_address()
     supervisor = Worker(
         host,
         port,

@@ -1,7 +1,7 @@
 """`engine run`: a whole pipeline on this machine, with no service to install.
 
     engine run PIPELINE.py              LocalRun: master (threads) and display
-    └── engine worker --exit-with-master      the worker, one process
+    └── engine worker --master -              the worker: engine/local_worker.py
         └── forkserver                        see engine/forkserver.py
             ├── node process worker-1/<pipeline>.<node>#1
             └── ...
@@ -27,11 +27,8 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import signal
 import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +42,10 @@ from engine.streams import open_stream, redact_url, sqlite_file
 
 if TYPE_CHECKING:
     from engine.api import ControlAPI
+    from engine.local_worker import LocalWorker
 
 logger = logging.getLogger(__name__)
 
-SECRET_VARIABLE = "MONOMYTH_SECRET"
 REFRESH_INTERVAL_S = 0.5
 
 
@@ -69,22 +66,27 @@ def default_stream_url(pipeline_name: str) -> str:
 
 
 class LocalRun:
-    """Run one pipeline file with a master and one worker on this machine."""
+    """Run one pipeline file with a master and one worker on this machine.
+
+    `local_worker` is the worker process, started by the caller before it
+    imported this module. The run connects it to its master, and the caller
+    kills it if the run fails before that (`LocalWorker.has_master`).
+    """
 
     def __init__(
         self,
         path: str | Path,
         overrides: dict[str, str],
+        local_worker: LocalWorker,
         stream_url: str | None = None,
         pipeline_name: str | None = None,
         purge: bool = False,
         resume: bool = False,
         drain_timeout_s: float = 60.0,
-        log_level: str = "info",
-        log_format: str = "text",
         display: ProgressDisplay | None = None,
         hold: bool = False,
     ) -> None:
+        self.local_worker = local_worker
         self.pipeline = load_pipeline(path, pipeline_name)
         self.pipeline.check()
         self.params = self.pipeline.resolve_params(overrides)
@@ -99,8 +101,6 @@ class LocalRun:
         self.resume = resume
         self.lock_file: Any = None
         self.drain_timeout_s = drain_timeout_s
-        self.log_level = log_level
-        self.log_format = log_format
         self.display = display or ProgressDisplay(f"pipeline {self.pipeline.name}")
         self.hold = hold
         self.interrupts = 0
@@ -117,7 +117,7 @@ class LocalRun:
                 for hook in self.pipeline.start_hooks:
                     run_hook(hook, self.params, "on_start", self.pipeline.name)
             started = time.monotonic()
-            secret = secrets.token_hex(32)
+            secret = self.local_worker.secret
             self.master = Master(secret.encode(), self.stream_url)
             self.master.start()
             control: ControlAPI | None = None
@@ -125,9 +125,12 @@ class LocalRun:
             try:
                 try:
                     self.master.add_pipeline(self.pipeline, self.params)
-                    # The worker's interpreter starts while this process
-                    # imports and starts the control API.
-                    self.worker = self._start_worker(self.master.port, secret)
+                    # The worker connects while this process imports and
+                    # starts the control API.
+                    self.local_worker.send_master_address(
+                        self.master.port, self.display.print_log
+                    )
+                    self.worker = self.local_worker.process
                     control = self._start_control_api(secret)
                     self.master.start_pipeline(
                         self.pipeline.name, run_sources=not self.resume
@@ -246,50 +249,6 @@ class LocalRun:
         )
         stream.delete_queues(queues)
         stream.declare(queues)
-
-    def _start_worker(self, port: int, secret: str) -> subprocess.Popen:
-        env = dict(os.environ)
-        env[SECRET_VARIABLE] = secret
-        # Modules beside the pipeline file import on the worker as they do here.
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(self.path.parent), env.get("PYTHONPATH", "")) if p
-        )
-        command = [
-            sys.executable,
-            "-m",
-            "engine",
-            "--log-level",
-            self.log_level,
-            "--log-format",
-            self.log_format,
-            "worker",
-            "--master",
-            f"127.0.0.1:{port}",
-            "--exit-with-master",
-            "--drain-timeout",
-            str(self.drain_timeout_s),
-        ]
-        # A session of its own keeps Ctrl-C away from the worker and its nodes:
-        # this process decides how they stop.
-        worker = subprocess.Popen(
-            command,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        threading.Thread(
-            target=self._forward_output,
-            args=(worker,),
-            name="worker-output",
-            daemon=True,
-        ).start()
-        return worker
-
-    def _forward_output(self, worker: subprocess.Popen) -> None:
-        for line in iter(worker.stdout.readline, b""):
-            self.display.print_log(line.decode("utf-8", "replace").rstrip("\n"))
 
     def _on_interrupt(self, signum: int, frame: object) -> None:
         self.interrupts += 1

@@ -280,6 +280,17 @@ def test_worker_without_master_exits_clearly(tmp_path: Path, secret_file) -> Non
     assert "Traceback" not in result.stderr
 
 
+def test_worker_without_address_exits_clearly(tmp_path: Path, secret_file) -> None:
+    # `--master -` reads the address from standard input, which is empty here.
+    result = run_engine(
+        "worker", "--master", "-", "--secret-file", str(secret_file), cwd=tmp_path
+    )
+
+    assert result.returncode == 1
+    assert "standard input ended before the master's address arrived" in (result.stderr)
+    assert "Traceback" not in result.stderr
+
+
 def test_worker_wrong_secret_exits_clearly(
     tmp_path: Path, cluster, secret_file
 ) -> None:

@@ -277,6 +277,55 @@ def test_cyclic_pipeline_rejected_before_start(tmp_path, write_pipeline) -> None
     assert not (tmp_path / ".monomyth").exists()
 
 
+# Its on_start hook records the children of the `engine run` process, among
+# them the worker started before the hooks run, and then fails.
+FAILING_START = """
+import json
+
+import psutil
+
+from engine import Pipeline
+
+pipeline = Pipeline("failingstart", params={"children": ""})
+
+
+@pipeline.on_start
+def record_children_then_fail(params):
+    children = [child.pid for child in psutil.Process().children()]
+    with open(params["children"], "w") as file:
+        json.dump(children, file)
+    raise RuntimeError("cannot start")
+
+
+@pipeline.source()
+def numbers():
+    yield 1
+
+
+@pipeline.sink(after="numbers")
+def drop(number):
+    pass
+"""
+
+
+def test_failed_start_leaves_no_worker(tmp_path, write_pipeline) -> None:
+    import psutil
+
+    pipeline = write_pipeline(FAILING_START)
+    children = tmp_path / "children.json"
+
+    result = run_engine(
+        "run", str(pipeline), "-p", f"children={children}", cwd=tmp_path
+    )
+
+    assert result.returncode == 1
+    assert "on_start hook 'record_children_then_fail'" in result.stderr
+    pids = json.loads(children.read_text())
+    assert pids, "engine run had started no worker when its hooks ran"
+    for pid in pids:
+        assert not psutil.pid_exists(pid), f"process {pid} outlived engine run"
+
+
 SLOW = """
 import time
 
