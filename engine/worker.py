@@ -372,6 +372,10 @@ class Worker:
         for node in self.nodes.values():
             if node.is_alive:
                 handles.append(node.process.sentinel)
+            elif node.process is not None:
+                # It exited since the last step's check, so no handle of it
+                # would become ready: handle the exit without waiting.
+                timeout_s = 0.0
             if node.status is not None:
                 handles.append(node.status)
         wait_for_ready(handles, timeout=max(0.0, min(timeout_s, 0.5)))
