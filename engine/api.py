@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import re
+import selectors
 import socket
 import threading
 from collections.abc import Callable
@@ -149,7 +150,7 @@ class ControlAPI:
         self.requested_port = port
         self.token = token
         self.stream_url = stream_url
-        self.server: ThreadingHTTPServer | None = None
+        self.server: _Server | None = None
         self.thread: threading.Thread | None = None
         self.stream: Stream | None = None
         self.discovery: DiscoveryFile | None = None
@@ -194,10 +195,7 @@ class ControlAPI:
         server.api = self
         self.server = server
         self.thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name="control-api",
-            daemon=True,
+            target=server.serve_until_stopped, name="control-api", daemon=True
         )
         self.thread.start()
         logger.info("control API listening on %s", self.url)
@@ -222,7 +220,9 @@ class ControlAPI:
             self.discovery.remove()
             self.discovery = None
         if self.server is not None:
-            self.server.shutdown()
+            self.server.stop()
+            if self.thread is not None:
+                self.thread.join()
             self.server.server_close()
             self.server = None
         with self.stream_lock:
@@ -532,7 +532,40 @@ _ROUTES_BY_NAME = {route.name: route for route in ROUTES}
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # `handle_request` polls once: the serving loop waits on the socket itself.
+    timeout = 0.0
     api: ControlAPI
+
+    def __init__(self, address: tuple[str, int], handler: type) -> None:
+        self.is_stopping = False
+        # `stop` writes a byte here, so that the serving loop wakes at once.
+        # Made first, because a failed bind calls `server_close`.
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        super().__init__(address, handler)
+
+    def serve_until_stopped(self) -> None:
+        """Serve requests until `stop` is called.
+
+        Unlike `serve_forever`, whose `shutdown` waits for the next poll of
+        the listening socket, this loop wakes as soon as `stop` is called.
+        """
+        with selectors.DefaultSelector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            selector.register(self.wake_reader, selectors.EVENT_READ)
+            while not self.is_stopping:
+                for key, _ in selector.select():
+                    if key.fileobj is self and not self.is_stopping:
+                        self.handle_request()
+
+    def stop(self) -> None:
+        """Make `serve_until_stopped` return; the caller joins its thread."""
+        self.is_stopping = True
+        self.wake_writer.send(b"\0")
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.wake_reader.close()
+        self.wake_writer.close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Handlers catch their own errors, so what arrives here is a connection

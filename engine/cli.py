@@ -23,9 +23,7 @@ from pathlib import Path
 
 import click
 
-from engine.commands import CONTROL_COMMANDS
 from engine.errors import EngineError, ParameterError
-from engine.failqueue import fail_queue
 from engine.logs import LOG_LEVELS, configure_logging
 
 logger = logging.getLogger(__name__)
@@ -81,6 +79,17 @@ def _parse_address(value: str, option: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _read_master_address() -> tuple[str, int]:
+    """Read the HOST:PORT line of `engine worker --master -` from standard input."""
+    line = sys.stdin.readline().strip()
+    if not line:
+        raise EngineError(
+            "standard input ended before the master's address arrived; with "
+            "--master -, write a line HOST:PORT to the worker's standard input"
+        )
+    return _parse_address(line, "--master")
+
+
 def _parse_api_address(value: str) -> tuple[str, int] | None:
     if value.strip().lower() == "off":
         return None
@@ -108,7 +117,40 @@ def _read_secret(secret_file: Path | None) -> bytes | None:
     return secret.encode() if secret else None
 
 
-@click.group(help=__doc__)
+class _EngineGroup(click.Group):
+    """The `engine` group, which imports the operator commands on first use.
+
+    `engine run` and `engine worker` start every run, so they skip importing
+    the HTTP client and the fail-queue code that only the operator commands
+    (`engine status`, `engine fail-queue` and the others) need.
+    """
+
+    has_operator_commands = False
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and not self.has_operator_commands:
+            self._add_operator_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_operator_commands()
+        return super().list_commands(ctx)
+
+    def _add_operator_commands(self) -> None:
+        if self.has_operator_commands:
+            return
+        from engine.commands import CONTROL_COMMANDS
+        from engine.failqueue import fail_queue
+
+        self.add_command(fail_queue)
+        for command in CONTROL_COMMANDS:
+            self.add_command(command)
+        self.has_operator_commands = True
+
+
+@click.group(cls=_EngineGroup, help=__doc__)
 @click.option(
     "--log-level",
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
@@ -199,25 +241,37 @@ def run(
     Shows live progress per node and ends with a summary. Needs no service:
     the data stream is an SQLite file.
     """
-    from engine.run import LocalRun
+    from engine.local_worker import LocalWorker
 
     overrides = _parse_params(params)
+    # Started before the imports below: the worker starts up meanwhile.
+    local_worker = LocalWorker(
+        pipeline_file.resolve().parent,
+        context.obj["log_level"],
+        context.obj["log_format"],
+        drain_timeout,
+    )
     try:
-        local_run = LocalRun(
-            pipeline_file,
-            overrides,
-            stream_url=stream_url,
-            pipeline_name=pipeline_name,
-            purge=purge,
-            resume=resume,
-            drain_timeout_s=drain_timeout,
-            log_level=context.obj["log_level"],
-            log_format=context.obj["log_format"],
-            hold=hold,
-        )
-    except ParameterError as exc:
-        raise click.UsageError(str(exc)) from exc
-    outcome = local_run.execute()
+        from engine.run import LocalRun
+
+        try:
+            local_run = LocalRun(
+                pipeline_file,
+                overrides,
+                local_worker,
+                stream_url=stream_url,
+                pipeline_name=pipeline_name,
+                purge=purge,
+                resume=resume,
+                drain_timeout_s=drain_timeout,
+                hold=hold,
+            )
+        except ParameterError as exc:
+            raise click.UsageError(str(exc)) from exc
+        outcome = local_run.execute()
+    finally:
+        if not local_worker.has_master:
+            local_worker.kill()
     if outcome.status == "interrupted":
         context.exit(ExitCode.INTERRUPTED)
     if outcome.has_node_failures:
@@ -232,7 +286,8 @@ def run(
     "master_address",
     required=True,
     metavar="HOST:PORT",
-    help="Address of the master's MMOP port.",
+    help="Address of the master's MMOP port; - reads it from standard input, "
+    "as the worker of `engine run` does.",
 )
 @click.option(
     "--secret-file",
@@ -276,15 +331,23 @@ def worker(
     drain_timeout: float,
 ) -> None:
     """Run the nodes that a master starts on this host, one process each."""
-    from engine.worker import Worker
+    from engine.forkserver import start_forkserver
 
-    host, port = _parse_address(master_address, "--master")
+    if master_address != "-":
+        host, port = _parse_address(master_address, "--master")
     secret = _read_secret(secret_file)
     if secret is None:
         raise click.UsageError(
             f"missing cluster secret: pass --secret-file PATH or set "
             f"${SECRET_VARIABLE}, the same as the master's"
         )
+    # The forkserver imports the node runtime while this process imports the
+    # worker and registers with the master.
+    start_forkserver(stream_url)
+    from engine.worker import Worker
+
+    if master_address == "-":
+        host, port = _read_master_address()
     supervisor = Worker(
         host,
         port,
@@ -400,11 +463,6 @@ def master(
     except ParameterError as exc:
         raise click.UsageError(str(exc)) from exc
     click.get_current_context().exit(code)
-
-
-cli.add_command(fail_queue)
-for _command in CONTROL_COMMANDS:
-    cli.add_command(_command)
 
 
 def main(args: list[str] | None = None) -> None:

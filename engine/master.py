@@ -171,6 +171,8 @@ class Master:
         self.is_closed = False
         # Set once SHUTDOWN was sent to every worker: no node moves any more.
         self.is_stopping = False
+        # The drain timeout of that SHUTDOWN, for workers that join later.
+        self.drain_timeout_s = 60.0
         # Nodes an operator stopped: never started again elsewhere.
         self.stop_requested_ids: set[str] = set()
         self.threads: list[threading.Thread] = []
@@ -526,6 +528,13 @@ class Master:
             ready.cores,
         )
         self._adopt_nodes(worker, ready.nodes)
+        if self.is_stopping:
+            # SHUTDOWN went out before this worker joined, such as on a Ctrl-C
+            # while `engine run` started: it gets its own and no node.
+            worker.state = WorkerState.STOPPING
+            self._send(worker, mmop.Shutdown(drain_timeout_s=self.drain_timeout_s))
+            self.changed.notify_all()
+            return worker
         # A worker that joins late still learns which types are completing.
         for record in self.types.values():
             if record.state == TypeState.COMPLETING:
@@ -744,6 +753,7 @@ class Master:
         """Tell every worker to drain its nodes and stop."""
         with self.lock:
             self.is_stopping = True
+            self.drain_timeout_s = drain_timeout_s
             for worker in self.workers.values():
                 if worker.state == WorkerState.JOINED:
                     worker.state = WorkerState.STOPPING

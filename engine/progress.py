@@ -1,16 +1,20 @@
-"""Progress of a run: a live table on a terminal, plain lines otherwise."""
+"""Progress of a run: a live table on a terminal, plain lines otherwise.
+
+rich is imported only for the live table, and only once the display starts,
+which `engine run` does after it has started its worker.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
 from collections import deque
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.live import Live
+    from rich.table import Table
 
 # Seconds between plain progress lines when the output is not a terminal.
 PLAIN_INTERVAL_S = 5.0
@@ -55,13 +59,15 @@ class ProgressDisplay:
         self.meter = RateMeter()
         self.started = time.monotonic()
         self.last_plain = 0.0
-        self.console = Console(file=self.stream)
         self.live: Live | None = None
 
     def __enter__(self) -> ProgressDisplay:
         if self.is_live:
+            from rich.console import Console
+            from rich.live import Live
+
             self.live = Live(
-                console=self.console,
+                console=Console(file=self.stream),
                 auto_refresh=False,
                 redirect_stderr=True,
                 redirect_stdout=True,
@@ -121,6 +127,9 @@ class ProgressDisplay:
         depths: dict[str, int],
         rates: dict[str, float],
     ) -> RenderableType:
+        from rich.console import Group
+        from rich.table import Table
+
         elapsed = time.monotonic() - self.started
         table = Table(title=f"{self.title}  {elapsed:.1f} s", title_justify="left")
         for column in ("node", "state", "procs", "in", "out", "rate/s", "queue"):
@@ -155,6 +164,9 @@ def _percent(entry: dict[str, Any]) -> float | None:
 
 def _progress_bars(stats: dict[str, dict[str, Any]]) -> Table | None:
     """Return a bar per node type that reports the total size of its input."""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
     grid = Table.grid(padding=(0, 1))
     for entry in stats.values():
         percent = _percent(entry)

@@ -1,9 +1,10 @@
 """`engine run`: a whole pipeline on this machine, with no service to install.
 
     engine run PIPELINE.py              LocalRun: master (threads) and display
-    └── engine worker --exit-with-master      the worker, one process
-        ├── node process worker-1/<pipeline>.<node>#1
-        └── ...
+    └── engine worker --master -              the worker: engine/local_worker.py
+        └── forkserver                        see engine/forkserver.py
+            ├── node process worker-1/<pipeline>.<node>#1
+            └── ...
 
 The run uses the same master, worker and MMOP as a cluster, over loopback
 with a secret generated for the run, and the embedded SQLite stream. It ends
@@ -26,26 +27,25 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import signal
 import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.api import ControlAPI
 from engine.errors import EngineError, ParameterError
 from engine.loader import load_pipeline
 from engine.master import Master, TypeState
 from engine.progress import ProgressDisplay, format_summary
 from engine.streams import open_stream, redact_url, sqlite_file
 
+if TYPE_CHECKING:
+    from engine.api import ControlAPI
+    from engine.local_worker import LocalWorker
+
 logger = logging.getLogger(__name__)
 
-SECRET_VARIABLE = "MONOMYTH_SECRET"
 REFRESH_INTERVAL_S = 0.5
 
 
@@ -66,22 +66,27 @@ def default_stream_url(pipeline_name: str) -> str:
 
 
 class LocalRun:
-    """Run one pipeline file with a master and one worker on this machine."""
+    """Run one pipeline file with a master and one worker on this machine.
+
+    `local_worker` is the worker process, started by the caller before it
+    imported this module. The run connects it to its master, and the caller
+    kills it if the run fails before that (`LocalWorker.has_master`).
+    """
 
     def __init__(
         self,
         path: str | Path,
         overrides: dict[str, str],
+        local_worker: LocalWorker,
         stream_url: str | None = None,
         pipeline_name: str | None = None,
         purge: bool = False,
         resume: bool = False,
         drain_timeout_s: float = 60.0,
-        log_level: str = "info",
-        log_format: str = "text",
         display: ProgressDisplay | None = None,
         hold: bool = False,
     ) -> None:
+        self.local_worker = local_worker
         self.pipeline = load_pipeline(path, pipeline_name)
         self.pipeline.check()
         self.params = self.pipeline.resolve_params(overrides)
@@ -101,8 +106,6 @@ class LocalRun:
         ]
         self.lock_file: Any = None
         self.drain_timeout_s = drain_timeout_s
-        self.log_level = log_level
-        self.log_format = log_format
         self.display = display or ProgressDisplay(f"pipeline {self.pipeline.name}")
         self.hold = hold
         self.interrupts = 0
@@ -119,19 +122,21 @@ class LocalRun:
                 for hook in self.pipeline.start_hooks:
                     run_hook(hook, self.params, "on_start", self.pipeline.name)
             started = time.monotonic()
-            secret = secrets.token_hex(32)
+            secret = self.local_worker.secret
             self.master = Master(secret.encode(), self.stream_url)
             self.master.start()
-            control = ControlAPI(
-                self.master, "127.0.0.1", 0, secret.encode(), self.stream_url
-            )
+            control: ControlAPI | None = None
             previous = signal.signal(signal.SIGINT, self._on_interrupt)
             try:
                 try:
                     self.master.add_pipeline(self.pipeline, self.params)
-                    control.start()
-                    control.write_discovery([self.pipeline.name])
-                    self.worker = self._start_worker(self.master.port, secret)
+                    # The worker connects while this process imports and
+                    # starts the control API.
+                    self.local_worker.send_master_address(
+                        self.master.port, self.display.print_log
+                    )
+                    self.worker = self.local_worker.process
+                    control = self._start_control_api(secret)
                     self.master.start_pipeline(
                         self.pipeline.name,
                         sources=self.sources_to_run,
@@ -150,6 +155,7 @@ class LocalRun:
                     self._close_services(control)
                 outcome = self._finish(stream, status, time.monotonic() - started)
                 if self.hold and not self.interrupts:
+                    assert control is not None
                     self._hold_until_interrupted(control.url)
             finally:
                 signal.signal(signal.SIGINT, previous)
@@ -158,9 +164,20 @@ class LocalRun:
         finally:
             stream.close()
 
-    def _close_services(self, control: ControlAPI) -> None:
+    def _start_control_api(self, secret: str) -> ControlAPI:
+        from engine.api import ControlAPI
+
+        control = ControlAPI(
+            self.master, "127.0.0.1", 0, secret.encode(), self.stream_url
+        )
+        control.start()
+        control.write_discovery([self.pipeline.name])
+        return control
+
+    def _close_services(self, control: ControlAPI | None) -> None:
         """Stop the control API and the master; calling it again does nothing."""
-        control.close()
+        if control is not None:
+            control.close()
         self.master.close()
 
     def _lock_stream(self) -> None:
@@ -256,50 +273,6 @@ class LocalRun:
             leftover,
         )
 
-    def _start_worker(self, port: int, secret: str) -> subprocess.Popen:
-        env = dict(os.environ)
-        env[SECRET_VARIABLE] = secret
-        # Modules beside the pipeline file import on the worker as they do here.
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(self.path.parent), env.get("PYTHONPATH", "")) if p
-        )
-        command = [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "--log-level",
-            self.log_level,
-            "--log-format",
-            self.log_format,
-            "worker",
-            "--master",
-            f"127.0.0.1:{port}",
-            "--exit-with-master",
-            "--drain-timeout",
-            str(self.drain_timeout_s),
-        ]
-        # A session of its own keeps Ctrl-C away from the worker and its nodes:
-        # this process decides how they stop.
-        worker = subprocess.Popen(
-            command,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        threading.Thread(
-            target=self._forward_output,
-            args=(worker,),
-            name="worker-output",
-            daemon=True,
-        ).start()
-        return worker
-
-    def _forward_output(self, worker: subprocess.Popen) -> None:
-        for line in iter(worker.stdout.readline, b""):
-            self.display.print_log(line.decode("utf-8", "replace").rstrip("\n"))
-
     def _on_interrupt(self, signum: int, frame: object) -> None:
         self.interrupts += 1
 
@@ -352,7 +325,10 @@ class LocalRun:
             if self.interrupts >= 2 or time.monotonic() > deadline:
                 self._kill_worker()
                 break
-            time.sleep(0.05)
+            # `wait` returns within milliseconds of the exit. Its timeout only
+            # bounds how long a second Ctrl-C waits to be seen.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.worker.wait(timeout=0.05)
         self.worker.wait()
 
     def _hold_until_interrupted(self, api_url: str) -> None:

@@ -30,6 +30,7 @@ import time
 import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for_ready
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -96,8 +97,18 @@ class NodeProcessDiedError(EngineError):
     """A node process died while processing an item, more often than retries allow."""
 
 
-# How long an idle transform waits between checks of its stop and complete flags.
+# The time an idle transform spends on one pull and the wait after it, so that
+# it does not spin on empty pulls.
 IDLE_PULL_TIMEOUT_S = 0.2
+# How often an idle node reads its complete flag while it waits between pulls.
+FLAG_CHECK_INTERVAL_S = 0.02
+# How long the first pull after a batch waits before the complete flag is read,
+# because an upstream node usually completes right after its last batch. Then
+# the pull goes on waiting for its batch to fill, up to batch_timeout_s in all.
+FLAG_AFTER_BATCH_S = 0.02
+# The first wait of a completing node whose inputs are not drained yet, such as
+# items that a sibling process holds. Each wait doubles, up to IDLE_PULL_TIMEOUT_S.
+DRAIN_CHECK_MIN_S = 0.01
 
 
 class SharedFlag:
@@ -172,6 +183,8 @@ def node_main(
     # The worker coordinates shutdown: Ctrl-C in a terminal reaches the whole
     # process group, but a node stops only when its worker sends SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Blocked in the forkserver, which this process may be a fork of.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     _ask_for_sigterm_on_parent_death()
 
     try:
@@ -182,6 +195,7 @@ def node_main(
 
     runner = NodeRunner(launch, recipe, status, complete, counters, in_flight)
     signal.signal(signal.SIGTERM, runner.request_stop)
+    _stop_when_worker_exits(runner)
     try:
         outcome = runner.run()
     except Exception as exc:
@@ -196,9 +210,32 @@ def node_main(
         logger.info("node %s %s; its worker is gone", launch.node_id, outcome[0])
 
 
+def _stop_when_worker_exits(runner: NodeRunner) -> None:
+    """Start a thread that makes `runner` drain once the worker has exited.
+
+    The worker need not be the parent process: a node forked by the
+    forkserver learns of the worker's death, even by SIGKILL, from the
+    sentinel that multiprocessing gives it.
+    """
+    worker = multiprocessing.parent_process()
+    if worker is None:
+        return
+
+    def watch() -> None:
+        wait_for_ready([worker.sentinel])
+        logger.warning(
+            "node %s lost its worker (pid %d); draining",
+            runner.launch.node_id,
+            worker.pid,
+        )
+        runner.request_stop()
+
+    threading.Thread(target=watch, name="worker-watch", daemon=True).start()
+
+
 def _ask_for_sigterm_on_parent_death() -> None:
-    # Linux only: the kernel sends SIGTERM when the worker dies, even by SIGKILL,
-    # so the node drains and exits instead of running on as an orphan.
+    # Linux only: the kernel sends SIGTERM when the parent dies, even by SIGKILL:
+    # the worker, or the forkserver that forked this process.
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
@@ -264,7 +301,6 @@ class NodeRunner:
         self.complete = complete
         self.counters = counters
         self.is_stop_requested = False
-        self.parent_pid = os.getppid()
         self.process = psutil.Process()
         self.context = NodeContext(
             pipeline=recipe.pipeline,
@@ -409,13 +445,18 @@ class NodeRunner:
     def _run_consumer(self) -> tuple:
         settings = self.spec.settings
         queues = list(self.recipe.input_queues)
+        drain_wait_s = DRAIN_CHECK_MIN_S
+        first_wait_s = FLAG_AFTER_BATCH_S
         while True:
             if self._should_stop():
                 return ("stopped", self.stats())
             is_completing = self.complete.is_set()
-            deliveries = self.stream.pull(
-                queues, settings.batch_size, settings.batch_timeout_s
-            )
+            if is_completing:
+                # Upstream has completed, so only retries and redeliveries can
+                # still arrive: waiting for the batch to fill gains nothing.
+                deliveries = self.stream.pull(queues, settings.batch_size, 0.0)
+            else:
+                deliveries = self._pull_until_complete(queues, first_wait_s)
             if deliveries:
                 started_ns = time.perf_counter_ns()
                 self._process_batch(deliveries)
@@ -423,14 +464,23 @@ class NodeRunner:
                 reason = self._memory_over_limit()
                 if reason:
                     return ("recycle", reason)
+                drain_wait_s = DRAIN_CHECK_MIN_S
+                first_wait_s = FLAG_AFTER_BATCH_S
                 continue
-            # The flag is read before the pull: an empty pull after it was set
-            # means every upstream item published before completion was seen.
+            # The flag is read before the pull: an empty pull after it was set,
+            # and input queues that count 0, mean every upstream item was seen.
             if is_completing and self._inputs_drained(queues):
                 return ("completed", self.stats())
+            if is_completing:
+                time.sleep(drain_wait_s)
+                drain_wait_s = min(2 * drain_wait_s, IDLE_PULL_TIMEOUT_S)
+                continue
+            # Idle: the next pull waits in one piece, because each piece starts
+            # polling the stream at short intervals again.
+            first_wait_s = settings.batch_timeout_s
             if settings.batch_timeout_s < IDLE_PULL_TIMEOUT_S:
                 # An idle node waits here instead of spinning on empty pulls.
-                time.sleep(IDLE_PULL_TIMEOUT_S - settings.batch_timeout_s)
+                self._wait_for_complete(IDLE_PULL_TIMEOUT_S - settings.batch_timeout_s)
 
     def _record_batch_duration(self, duration_ns: int) -> None:
         """Count one batch, from its pull to its ack, in the shared histogram."""
@@ -445,14 +495,39 @@ class NodeRunner:
     def _inputs_drained(self, queues: list[str]) -> bool:
         return all(depth == 0 for depth in self.stream.depths(queues).values())
 
+    def _pull_until_complete(
+        self, queues: list[str], first_wait_s: float
+    ) -> list[Delivery]:
+        """Pull a batch, waiting up to batch_timeout_s for it to fill.
+
+        After `first_wait_s` seconds of the wait the complete flag is read:
+        once it is set, or a stop is requested, the pull returns what it has.
+        """
+        settings = self.spec.settings
+        started = time.monotonic()
+        first_wait_s = min(first_wait_s, settings.batch_timeout_s)
+        deliveries = self.stream.pull(queues, settings.batch_size, first_wait_s)
+        if len(deliveries) >= settings.batch_size:
+            return deliveries
+        if self.complete.is_set() or self.is_stop_requested:
+            return deliveries
+        remaining_s = settings.batch_timeout_s - (time.monotonic() - started)
+        if remaining_s <= 0:
+            return deliveries
+        count = settings.batch_size - len(deliveries)
+        return deliveries + self.stream.pull(queues, count, remaining_s)
+
+    def _wait_for_complete(self, timeout_s: float) -> None:
+        """Sleep up to `timeout_s`, but wake once the complete flag is set or a
+        stop is requested."""
+        deadline = time.monotonic() + timeout_s
+        while not (self.complete.is_set() or self.is_stop_requested):
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return
+            time.sleep(min(FLAG_CHECK_INTERVAL_S, remaining_s))
+
     def _should_stop(self) -> bool:
-        if not self.is_stop_requested and os.getppid() != self.parent_pid:
-            logger.warning(
-                "node %s lost its worker (parent pid %d); draining",
-                self.launch.node_id,
-                self.parent_pid,
-            )
-            self.is_stop_requested = True
         return self.is_stop_requested
 
     def _memory_over_limit(self) -> str | None:

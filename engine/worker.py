@@ -2,9 +2,10 @@
 
     engine-worker                        Worker.run: the supervision loop
     ├── thread mmop-reader               frames from the master into the inbox
-    ├── process worker-1/wc.read#1       engine.runtime.node_main
-    ├── process worker-1/wc.count#1
-    └── process worker-1/wc.count#2
+    └── forkserver                       engine.forkserver: forks the nodes
+        ├── process worker-1/wc.read#1   engine.runtime.node_main
+        ├── process worker-1/wc.count#1
+        └── process worker-1/wc.count#2
 
 The worker registers with READY, runs one process per START-NODE, reports
 each node's start, exit and completion, and sends heartbeats with every
@@ -41,6 +42,7 @@ import psutil
 
 from engine import protocol as mmop
 from engine.errors import EngineError, ProtocolError, RecipeError
+from engine.forkserver import node_context, start_forkserver
 from engine.recipe import RecipeHeader, read_header
 from engine.runtime import (
     COUNTER_NAMES,
@@ -148,7 +150,7 @@ class Worker:
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
         self.wake_writer.setblocking(False)
-        self.context = multiprocessing.get_context("spawn")
+        self.context = node_context()
         self.process = psutil.Process()
         self.drain_deadline: float | None = None
         self.is_reconnecting = False
@@ -165,6 +167,8 @@ class Worker:
         Raises `ProtocolError` when the master cannot be reached within the
         connect timeout or rejects this worker's secret.
         """
+        # The forkserver imports the node runtime while this worker registers.
+        start_forkserver(self.stream_url)
         has_own_stream = self.stream_url is not None
         if has_own_stream:
             # A stream of the worker's own fails before the master is bothered.
@@ -371,6 +375,10 @@ class Worker:
         for node in self.nodes.values():
             if node.is_alive:
                 handles.append(node.process.sentinel)
+            elif node.process is not None:
+                # It exited since the last step's check, so no handle of it
+                # would become ready: handle the exit without waiting.
+                timeout_s = 0.0
             if node.status is not None:
                 handles.append(node.status)
         wait_for_ready(handles, timeout=max(0.0, min(timeout_s, 0.5)))
@@ -534,8 +542,14 @@ class Worker:
             args=(launch, writer, node.complete, node.counters, node.in_flight),
             name=f"{self.worker_id}/{node.node_id}",
         )
+        # Starts the forkserver again if it died, with SIGTERM blocked in it.
+        start_forkserver(self.stream_url)
         process.start()
         writer.close()
+        with contextlib.suppress(psutil.Error):
+            # A handle from before the exit, so that `_kill_orphan` can tell
+            # this process from a later one with the same PID.
+            _psutil_process(process.pid)
         node.process = process
         node.status = reader
         node.outcome = None
@@ -620,6 +634,7 @@ class Worker:
     def _on_exit(self, node: ManagedNode) -> None:
         process = node.process
         process.join()
+        self._kill_orphan(node, process.pid)
         self._read_status(node)
         node.process = None
         if node.status is not None:
@@ -629,10 +644,11 @@ class Worker:
         outcome = node.outcome or ("crashed", "")
         kind = outcome[0]
         exit_text = _describe_exit(process.exitcode)
+        is_stopping = self.is_shutting_down or node.is_stop_requested
         if kind == "completed":
             logger.info("node %s completed %s", node.node_id, _format_stats(outcome[1]))
             self._finish(node, NodeState.COMPLETED, outcome)
-        elif kind == "stopped":
+        elif kind == "stopped" and is_stopping:
             logger.info("node %s stopped %s", node.node_id, _format_stats(outcome[1]))
             self._finish(node, NodeState.STOPPED, outcome)
         elif kind == "recipe-failed":
@@ -650,7 +666,7 @@ class Worker:
         elif kind == "recycle" and not self.is_shutting_down:
             logger.info("node %s recycled: %s", node.node_id, outcome[1])
             self._launch(node)
-        elif self.is_shutting_down or node.is_stop_requested:
+        elif is_stopping:
             logger.warning(
                 "node %s exited while draining (%s)", node.node_id, exit_text
             )
@@ -658,10 +674,42 @@ class Worker:
         else:
             if kind == "error":
                 node.last_error = outcome[1]
+            elif kind == "stopped":
+                # A SIGTERM from elsewhere, such as the kernel's when the
+                # forkserver died: the node drained, but its task goes on.
+                node.last_error = (
+                    "node process drained and exited on a SIGTERM that its "
+                    "worker did not send"
+                )
             else:
                 node.last_error = f"node process exited ({exit_text})"
             self._count_crash(node, exit_text)
             self._restart_or_give_up(node, process.exitcode, recovered)
+
+    def _kill_orphan(self, node: ManagedNode, pid: int) -> None:
+        """Kill a node process that outlived its forkserver.
+
+        The worker learns a node's exit from its forkserver, so when the
+        forkserver dies every node looks exited, and is restarted, while it
+        may still drain its batch.
+        """
+        # Popped, so that a later process with this PID gets a handle of its own.
+        handle = _PROCESSES.pop(pid, None)
+        try:
+            if handle is None or not handle.is_running():
+                return
+            if handle.status() == psutil.STATUS_ZOMBIE:
+                return
+            # SIGKILL cannot be caught, so the process runs no more code.
+            handle.kill()
+        except psutil.NoSuchProcess:
+            return
+        except psutil.Error as exc:
+            logger.warning("killing node %s pid=%d failed: %s", node.node_id, pid, exc)
+            return
+        logger.warning(
+            "node %s pid=%d outlived its forkserver; killed it", node.node_id, pid
+        )
 
     def _count_crash(self, node: ManagedNode, exit_text: str) -> None:
         """Count a death against the item that was in flight, if any."""

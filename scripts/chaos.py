@@ -219,14 +219,23 @@ class Chaos:
         return [worker for worker in self.workers if worker.poll() is None]
 
     def node_processes(self) -> list[psutil.Process]:
-        nodes = []
+        children = []
         for worker in self.live_workers():
             try:
-                nodes += psutil.Process(worker.pid).children()
+                children += psutil.Process(worker.pid).children()
             except psutil.Error:
                 continue
-        # multiprocessing's resource tracker is no node: leave it alone.
-        return [p for p in nodes if "resource_tracker" not in " ".join(_cmdline(p))]
+        nodes = []
+        for child in children:
+            command = " ".join(_cmdline(child))
+            if "multiprocessing.forkserver" in command:
+                # The worker's forkserver is no node, but its children are.
+                with contextlib.suppress(psutil.Error):
+                    nodes += child.children()
+            elif "resource_tracker" not in command:
+                # Nodes that the worker started with `spawn`.
+                nodes.append(child)
+        return nodes
 
     def inject(self, fault: str) -> None:
         if fault == "node":

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: polling waits and service checks."""
+"""Helpers shared by the tests: polling waits, service checks and processes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import Callable
 
+import psutil
 import pytest
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -50,3 +51,41 @@ def require_service(name: str, port: int) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{message}; CI must start it before the tests")
     pytest.skip(f"{message}; start it to run this test")
+
+
+def forkserver_process(worker_pid: int) -> psutil.Process | None:
+    """Return the forkserver that the worker `worker_pid` started, or None."""
+    try:
+        children = psutil.Process(worker_pid).children()
+    except psutil.Error:
+        return None
+    for child in children:
+        try:
+            if "multiprocessing.forkserver" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+def node_processes(worker_pid: int) -> list[psutil.Process]:
+    """Return the node processes of the worker `worker_pid`.
+
+    They are the children of the worker's forkserver, or, where the worker
+    starts nodes with `spawn`, its children other than the resource tracker.
+    """
+    forkserver = forkserver_process(worker_pid)
+    try:
+        if forkserver is not None:
+            return forkserver.children()
+        children = psutil.Process(worker_pid).children()
+    except psutil.Error:
+        return []
+    nodes = []
+    for child in children:
+        try:
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                nodes.append(child)
+        except psutil.Error:
+            continue
+    return nodes

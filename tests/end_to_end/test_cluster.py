@@ -22,7 +22,13 @@ from tests.end_to_end.test_wordcount import expected_counts, make_corpus, read_c
 from tests.end_to_end.test_wordcount_postgres import (
     read_counts as read_postgres_counts,
 )
-from tests.helpers import POSTGRES_DSN, is_listening, require_service, wait_for
+from tests.helpers import (
+    POSTGRES_DSN,
+    is_listening,
+    node_processes,
+    require_service,
+    wait_for,
+)
 
 WORDCOUNT = str(EXAMPLES / "wordcount.py")
 API_OFF = ("--api", "off")
@@ -274,6 +280,17 @@ def test_worker_without_master_exits_clearly(tmp_path: Path, secret_file) -> Non
     assert "Traceback" not in result.stderr
 
 
+def test_worker_without_address_exits_clearly(tmp_path: Path, secret_file) -> None:
+    # `--master -` reads the address from standard input, which is empty here.
+    result = run_engine(
+        "worker", "--master", "-", "--secret-file", str(secret_file), cwd=tmp_path
+    )
+
+    assert result.returncode == 1
+    assert "standard input ended before the master's address arrived" in (result.stderr)
+    assert "Traceback" not in result.stderr
+
+
 def test_worker_wrong_secret_exits_clearly(
     tmp_path: Path, cluster, secret_file
 ) -> None:
@@ -433,21 +450,21 @@ def test_killed_worker_leaves_no_nodes(tmp_path: Path, cluster, write_pipeline) 
         f"output={tmp_path / 'counts.db'}",
     )
     worker = cluster.start_worker("worker-a")
-    parent = psutil.Process(worker.pid)
     wait_for(
-        lambda: len(parent.children()) >= 4,
+        lambda: len(node_processes(worker.pid)) >= 4,
         timeout_s=60,
         what="the worker's node processes",
     )
-    nodes = parent.children()
+    # The nodes, and the forkserver and resource tracker that serve them.
+    descendants = psutil.Process(worker.pid).children(recursive=True)
 
     # Only the worker: its nodes must notice and exit on their own.
     os.kill(worker.pid, signal.SIGKILL)
 
-    def nodes_gone() -> bool:
-        return not any(p.is_running() and p.status() != "zombie" for p in nodes)
+    def all_gone() -> bool:
+        return not any(p.is_running() and p.status() != "zombie" for p in descendants)
 
-    wait_for(nodes_gone, timeout_s=30, what="the orphaned node processes to exit")
+    wait_for(all_gone, timeout_s=30, what="the orphaned node processes to exit")
 
 
 def test_cluster_wordcount_into_postgres(

@@ -11,7 +11,7 @@ import subprocess
 
 from engine.streams import open_stream
 from tests.end_to_end.conftest import engine_command, run_engine
-from tests.helpers import wait_for
+from tests.helpers import forkserver_process, node_processes, wait_for
 
 # A word count whose map node kills its own process with SIGKILL the first
 # time it meets the chunk that contains the word "poison".
@@ -277,6 +277,55 @@ def test_cyclic_pipeline_rejected_before_start(tmp_path, write_pipeline) -> None
     assert not (tmp_path / ".monomyth").exists()
 
 
+# Its on_start hook records the children of the `engine run` process, among
+# them the worker started before the hooks run, and then fails.
+FAILING_START = """
+import json
+
+import psutil
+
+from engine import Pipeline
+
+pipeline = Pipeline("failingstart", params={"children": ""})
+
+
+@pipeline.on_start
+def record_children_then_fail(params):
+    children = [child.pid for child in psutil.Process().children()]
+    with open(params["children"], "w") as file:
+        json.dump(children, file)
+    raise RuntimeError("cannot start")
+
+
+@pipeline.source()
+def numbers():
+    yield 1
+
+
+@pipeline.sink(after="numbers")
+def drop(number):
+    pass
+"""
+
+
+def test_failed_start_leaves_no_worker(tmp_path, write_pipeline) -> None:
+    import psutil
+
+    pipeline = write_pipeline(FAILING_START)
+    children = tmp_path / "children.json"
+
+    result = run_engine(
+        "run", str(pipeline), "-p", f"children={children}", cwd=tmp_path
+    )
+
+    assert result.returncode == 1
+    assert "on_start hook 'record_children_then_fail'" in result.stderr
+    pids = json.loads(children.read_text())
+    assert pids, "engine run had started no worker when its hooks ran"
+    for pid in pids:
+        assert not psutil.pid_exists(pid), f"process {pid} outlived engine run"
+
+
 SLOW = """
 import time
 
@@ -353,11 +402,13 @@ def test_worker_leaves_no_node_processes(tmp_path, write_pipeline) -> None:
     )
     try:
         parent = psutil.Process(process.pid)
-        wait_for(
-            lambda: len(parent.children(recursive=True)) >= 4,
-            timeout_s=60,
-            what="the worker and its node processes",
-        )
+
+        # The transform and the sink: the source may have completed already.
+        def has_two_nodes() -> bool:
+            workers = parent.children()
+            return bool(workers) and len(node_processes(workers[0].pid)) >= 2
+
+        wait_for(has_two_nodes, timeout_s=60, what="the worker's node processes")
         descendants = parent.children(recursive=True)
         os.kill(process.pid, signal.SIGINT)
         process.wait(timeout=60)
@@ -880,3 +931,210 @@ def test_source_restart_skips_published_items(tmp_path, write_pipeline) -> None:
     assert items == 1000
     assert total == sum(range(1000))
     assert "skips the first 500 items of its source" in result.stderr
+
+
+# A source that records, in its setup hook, what its process holds, then
+# waits for the test to create the release file.
+INSPECTED = """
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from engine import Pipeline
+
+pipeline = Pipeline("inspected", params={"report": "", "release": ""})
+
+
+def inspect(ctx):
+    report = {
+        "threads": sorted(thread.name for thread in threading.enumerate()),
+        "sockets": [str(c) for c in psutil.Process().net_connections("all")],
+    }
+    Path(ctx.params["report"]).write_text(json.dumps(report))
+
+
+@pipeline.source(setup=inspect)
+def hold(ctx):
+    deadline = time.monotonic() + 60
+    while not os.path.exists(ctx.params["release"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield 1
+
+
+@pipeline.sink(after="hold")
+def drop(item):
+    pass
+"""
+
+
+def test_forkserver_holds_no_thread_or_socket(tmp_path, write_pipeline) -> None:
+    import psutil
+
+    pipeline = write_pipeline(INSPECTED)
+    report = tmp_path / "report.json"
+    release = tmp_path / "release"
+    process = subprocess.Popen(
+        [engine_command(), "run", str(pipeline)]
+        + ["-p", f"report={report}", "-p", f"release={release}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(report.exists, timeout_s=60, what="the source's setup report")
+        worker = psutil.Process(process.pid).children()[0]
+        forkserver = forkserver_process(worker.pid)
+        assert forkserver is not None, "the worker started no forkserver"
+        # A fork copies one thread, so other threads would leave their locks
+        # held in every node.
+        assert forkserver.num_threads() == 1
+        assert forkserver.net_connections("inet") == []
+        stream_files = [
+            f.path for f in forkserver.open_files() if ".monomyth" in f.path
+        ]
+        assert stream_files == []
+        node_report = json.loads(report.read_text())
+        assert node_report["sockets"] == []
+        assert set(node_report["threads"]) <= {"MainThread", "worker-watch"}
+    finally:
+        release.touch()
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+
+
+SLOW_NUMBERS = """
+import time
+
+from engine import Pipeline, param
+from nodes import SQLiteSink
+
+pipeline = Pipeline("slownumbers", params={"output": ""})
+
+
+@pipeline.source(batch_size=10)
+def numbers():
+    yield from range(300)
+
+
+@pipeline.transform(after="numbers", batch_size=5)
+def wait(number):
+    time.sleep(0.01)
+    return number
+
+
+pipeline.add(
+    "sink",
+    "store",
+    SQLiteSink(
+        path=param("output"),
+        schema="CREATE TABLE IF NOT EXISTS numbers(value INTEGER)",
+        statement="INSERT INTO numbers VALUES (?)",
+        rows=lambda number: [(number,)],
+        dedupe=True,
+    ),
+    after="wait",
+)
+"""
+
+
+def test_killed_forkserver_nodes_restarted(tmp_path, write_pipeline) -> None:
+    import psutil
+
+    pipeline = write_pipeline(SLOW_NUMBERS)
+    output = tmp_path / "numbers.db"
+    process = subprocess.Popen(
+        [engine_command(), "run", str(pipeline), "-p", f"output={output}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def has_stored() -> bool:
+            if not output.exists():
+                return False
+            with sqlite3.connect(output) as connection:
+                tables = connection.execute(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE name = 'numbers'"
+                ).fetchone()[0]
+                stored = (
+                    tables
+                    and connection.execute("SELECT COUNT(*) FROM numbers").fetchone()[0]
+                )
+            connection.close()
+            return bool(stored)
+
+        wait_for(has_stored, timeout_s=60, what="the first stored numbers")
+        worker = psutil.Process(process.pid).children()[0]
+        forkserver = forkserver_process(worker.pid)
+        assert forkserver is not None, "the worker started no forkserver"
+        forkserver.kill()
+        output_text, _ = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    assert process.returncode == 0, output_text
+    assert "outlived its forkserver; killed it" in output_text
+    assert "restarting in" in output_text
+    with sqlite3.connect(output) as connection:
+        values = [row[0] for row in connection.execute("SELECT value FROM numbers")]
+    connection.close()
+    # The sink's dedupe keeps each number once, even if it was redelivered.
+    assert sorted(values) == list(range(300))
+
+
+# One item fails once, and its retry becomes visible only after the source
+# has completed and the transform's completion flag is set.
+LATE_RETRY = """
+from pathlib import Path
+
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("lateretry", params={"output": "out.jsonl", "marker": ""})
+
+
+@pipeline.source()
+def numbers():
+    yield from range(5)
+
+
+@pipeline.transform(after="numbers", processes=2, batch_size=1, retry_backoff_s=1.0)
+def flaky(number, ctx):
+    marker = Path(ctx.params["marker"])
+    if number == 3 and not marker.exists():
+        marker.touch()
+        raise RuntimeError("fails once")
+    return number
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="flaky")
+"""
+
+
+def test_completion_waits_for_delayed_retry(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(LATE_RETRY)
+    output = tmp_path / "out.jsonl"
+    marker = tmp_path / "failed-once"
+
+    result = run_engine(
+        "run",
+        str(pipeline),
+        "-p",
+        f"output={output}",
+        "-p",
+        f"marker={marker}",
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert marker.exists()
+    written = sorted(json.loads(line) for line in output.read_text().splitlines())
+    assert written == [0, 1, 2, 3, 4]

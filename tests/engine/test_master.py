@@ -1,0 +1,41 @@
+"""Tests of the master with bare MMOP connections as its workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine import protocol as mmop
+from engine.master import Master
+from tests.engine.test_api import SECRET, FakeWorker, build_pipeline
+from tests.helpers import wait_for
+
+
+@pytest.fixture
+def master(tmp_path: Path) -> Iterator[Master]:
+    master = Master(SECRET, f"sqlite:///{tmp_path}/s.db", worker_timeout_s=300)
+    master.start()
+    master.add_pipeline(build_pipeline(), {})
+    yield master
+    master.close()
+
+
+def test_worker_joining_after_shutdown_stops(master: Master) -> None:
+    master.start_pipeline("p")
+    master.shutdown_workers(drain_timeout_s=7.0)
+
+    worker = FakeWorker(master)
+    try:
+        shutdowns = wait_for(
+            lambda: worker.received(mmop.Shutdown),
+            timeout_s=10,
+            what="SHUTDOWN to the worker that joined late",
+        )
+        # START-NODE would have come before SHUTDOWN on the same connection.
+        assert worker.started_ids() == []
+        assert shutdowns[0].drain_timeout_s == 7.0
+        assert master.worker_info()[worker.worker_id]["state"] == "stopping"
+    finally:
+        worker.close()
