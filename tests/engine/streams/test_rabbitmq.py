@@ -72,6 +72,17 @@ def rabbitmq_stream(open_rabbitmq_stream: StreamFactory) -> RabbitMQStream:
     return open_rabbitmq_stream()
 
 
+def buffered_count(stream: RabbitMQStream) -> int:
+    """Return how many deliveries `stream` buffers, after reading what arrived.
+
+    Only the stream's own calls read from its connection, besides a heartbeat
+    thread that may wait many seconds, so the count reads the socket first.
+    """
+    with stream._lock:
+        stream._connection.process_data_events(time_limit=0)
+    return len(stream._buffer)
+
+
 def publish_numbered(
     stream: RabbitMQStream, queue_name: str, count: int
 ) -> list[bytes]:
@@ -199,7 +210,7 @@ def test_rabbitmq_pull_other_queue_releases_buffer(
     greedy.publish([(right, body) for body in sorted(right_bodies)])
     [first] = greedy.pull([left, right], 1, timeout_s=FILL_TIMEOUT_S)
     wait_for(
-        lambda: len(greedy._buffer) == 5,
+        lambda: buffered_count(greedy) == 5,
         timeout_s=10,
         what="the broker to push the other 5 messages to the buffer",
     )
@@ -223,7 +234,7 @@ def test_rabbitmq_close_returns_buffered_messages(
     bodies = publish_numbered(greedy, jobs, 20)
     taken = greedy.pull([jobs], 5, timeout_s=FILL_TIMEOUT_S)
     wait_for(
-        lambda: len(greedy._buffer) == 15,
+        lambda: buffered_count(greedy) == 15,
         timeout_s=10,
         what="the broker to push 15 more messages to the buffer",
     )
@@ -320,7 +331,7 @@ def test_rabbitmq_depth_counts_buffer_and_delayed(
 
     batch = greedy.pull([jobs], 2, timeout_s=FILL_TIMEOUT_S)
     wait_for(
-        lambda: len(greedy._buffer) == 8,
+        lambda: buffered_count(greedy) == 8,
         timeout_s=10,
         what="the broker to push 8 more messages to the buffer",
     )
@@ -938,7 +949,7 @@ def test_rabbitmq_settle_unheld_delivery_requeues_rest(
     # The stream still consumes from `jobs`, so the broker delivers the
     # requeued messages back to its buffer, with no further commit.
     wait_for(
-        lambda: len(rabbitmq_stream._buffer) == 2,
+        lambda: buffered_count(rabbitmq_stream) == 2,
         timeout_s=10,
         what="the broker to deliver the 2 requeued messages again",
     )
@@ -1032,7 +1043,7 @@ def test_rabbitmq_ack_and_reject_commit(
     # a commit, so each must commit before it returns.
     first.reject(deliveries[:1], requeue=True)
     wait_for(
-        lambda: len(first._buffer) == 1,
+        lambda: buffered_count(first) == 1,
         timeout_s=10,
         what="the broker to deliver the rejected message again",
     )
