@@ -684,6 +684,14 @@ class NodeRunner:
             value = function(payloads)
         if self.spec.kind == "sink" or value is None:
             return
+        if not isinstance(value, list | tuple) and not _is_generator(value):
+            # A str or a dict is iterable too, and would be sent on as its
+            # characters or its keys.
+            raise TypeError(
+                f"batched transform {self.spec.name!r} returned "
+                f"{type(value).__name__}, not a list of results; return a list, "
+                "such as [total] for one result per batch"
+            )
         batch_id = derived_item_id("|".join(sorted(item_ids)), "batch", 0)
         self._place_results(batch_id, list(value), staged, envelopes[0][1])
 

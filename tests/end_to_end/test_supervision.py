@@ -1138,3 +1138,46 @@ def test_completion_waits_for_delayed_retry(tmp_path, write_pipeline) -> None:
     assert marker.exists()
     written = sorted(json.loads(line) for line in output.read_text().splitlines())
     assert written == [0, 1, 2, 3, 4]
+
+
+# A batched transform that returns one string per batch instead of a list.
+BATCH_RETURNS_TEXT = """
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("textbatch", params={"output": "out.jsonl"})
+
+
+@pipeline.source()
+def numbers():
+    yield from range(3)
+
+
+@pipeline.transform(after="numbers", batched=True, retries=0)
+def total(numbers):
+    return f"total={sum(numbers)}"
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="total")
+"""
+
+
+def test_batched_transform_returning_text_fails(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(BATCH_RETURNS_TEXT)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path)
+
+    assert result.returncode == 3, result.stderr
+    output = tmp_path / "out.jsonl"
+    assert not output.exists() or output.read_text() == ""
+    stream = open_stream(f"sqlite:///{tmp_path}/.monomyth/textbatch.db", owner="test")
+    try:
+        deliveries = stream.pull(["textbatch.total-fail"], 100, 0.5)
+        records = [json.loads(d.body) for d in deliveries]
+    finally:
+        stream.close()
+    assert sorted(record["payload"] for record in records) == [0, 1, 2]
+    error = records[0]["errors"][0]
+    assert error["type"] == "TypeError"
+    assert "batched transform 'total' returned str" in error["message"]
+    assert "return a list" in error["message"]
