@@ -89,7 +89,6 @@ class LocalRun:
         self.local_worker = local_worker
         self.pipeline = load_pipeline(path, pipeline_name)
         self.pipeline.check()
-        self.params = self.pipeline.resolve_params(overrides)
         self.path = Path(path).resolve()
         self.stream_url = stream_url or default_stream_url(self.pipeline.name)
         if purge and resume:
@@ -97,6 +96,10 @@ class LocalRun:
                 "--purge and --resume exclude each other: --purge deletes the "
                 "items left in the stream, --resume processes them"
             )
+        if resume:
+            overrides = self._resumed_overrides(overrides)
+        self.overrides = dict(overrides)
+        self.params = self.pipeline.resolve_params(overrides)
         self.purge = purge
         self.resume = resume
         # The source nodes to run: all of them, unless --resume finds fewer
@@ -183,12 +186,59 @@ class LocalRun:
     def _lock_stream(self) -> None:
         self.lock_file = lock_stream(self.stream_url, self.pipeline.name)
 
-    def _sources_file(self) -> Path | None:
-        """Return the file that names the sources an unfinished run cut off."""
+    def _record_file(self, kind: str) -> Path | None:
+        """Return the file beside the stream file that records `kind` of runs."""
         path = sqlite_file(self.stream_url)
         if path is None:
             return None
-        return path.with_name(f"{path.name}.{self.pipeline.name}.unfinished")
+        return path.with_name(f"{path.name}.{self.pipeline.name}.{kind}")
+
+    def _record_overrides(self) -> None:
+        """Write this run's -p values, which a later --resume runs with."""
+        path = self._record_file("params")
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.overrides))
+
+    def _resumed_overrides(self, overrides: dict[str, str]) -> dict[str, str]:
+        """Return the -p values of the run that --resume continues.
+
+        Raises `ParameterError` when `overrides` gives another value for a
+        parameter, because the sources skip items by their position in what
+        the earlier values made them yield.
+        """
+        path = self._record_file("params")
+        if path is None or not path.exists():
+            return overrides
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring the unreadable parameter record %s: %s", path, exc)
+            return overrides
+        changed = sorted(
+            key for key in overrides if recorded.get(key, None) != overrides[key]
+        )
+        if changed:
+            earlier = " ".join(
+                f"-p {key}={recorded[key]}" if key in recorded else f"no -p {key}"
+                for key in changed
+            )
+            raise ParameterError(
+                f"--resume continues the earlier run with its parameters ({earlier}), "
+                "but this command gives "
+                + " ".join(f"-p {key}={overrides[key]}" for key in changed)
+                + "; drop those -p options, or run without --resume"
+            )
+        if recorded:
+            logger.info(
+                "resuming with the parameters of the earlier run: %s",
+                " ".join(f"-p {key}={value}" for key, value in recorded.items()),
+            )
+        return {**recorded, **overrides}
+
+    def _sources_file(self) -> Path | None:
+        """Return the file that names the sources an unfinished run cut off."""
+        return self._record_file("unfinished")
 
     def _record_unfinished_sources(self, names: list[str]) -> None:
         """Write the sources that this run has not finished, for a later --resume.
@@ -247,6 +297,7 @@ class LocalRun:
             stream.delete_queues(queues)
             stream.declare(queues)
         self._record_unfinished_sources(self.sources_to_run or [])
+        self._record_overrides()
 
     def _prepare_resume(self, leftover: int) -> None:
         """Choose the sources that --resume runs again, or raise if nothing is left."""

@@ -792,12 +792,12 @@ import time
 from engine import Pipeline, param
 from nodes import JsonLinesSink
 
-pipeline = Pipeline("trickle", params={"output": "out.jsonl"})
+pipeline = Pipeline("trickle", params={"output": "out.jsonl", "count": 1000})
 
 
 @pipeline.source(batch_size=1)
-def numbers():
-    for number in range(300):
+def numbers(ctx):
+    for number in range(ctx.params["count"]):
         time.sleep(0.01)
         yield number
 
@@ -810,7 +810,7 @@ def test_resume_finishes_cut_off_source(tmp_path, write_pipeline) -> None:
     pipeline = write_pipeline(SLOW_SOURCE)
     output = tmp_path / "out.jsonl"
     process = subprocess.Popen(
-        [engine_command(), "run", str(pipeline)],
+        [engine_command(), "run", str(pipeline), "-p", "count=300"],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -828,8 +828,13 @@ def test_resume_finishes_cut_off_source(tmp_path, write_pipeline) -> None:
             process.kill()
     written_before = len(output.read_text().splitlines())
 
+    changed = run_engine(
+        "run", str(pipeline), "--resume", "-p", "count=100", cwd=tmp_path
+    )
     resumed = run_engine("run", str(pipeline), "--resume", cwd=tmp_path)
 
+    assert changed.returncode == 2
+    assert "earlier run with its parameters (-p count=300)" in changed.stderr
     assert resumed.returncode == 0, resumed.stderr
     assert "the sources 'numbers' of the earlier run did not finish" in resumed.stdout
     written = [int(line) for line in output.read_text().splitlines()]
