@@ -401,7 +401,8 @@ def worker(
 @click.option(
     "--exit-when-done",
     is_flag=True,
-    help="Stop the workers and exit once every pipeline has finished.",
+    help="Stop the workers and exit once every pipeline has finished; the exit "
+    "code is then 3 when a fail queue contains items, as with engine run.",
 )
 @click.option(
     "--workers",

@@ -15,6 +15,7 @@ from engine.errors import EngineError
 from engine.loader import load_pipeline
 from engine.master import Master, TypeState
 from engine.run import lock_stream, run_hook
+from engine.streams import open_stream
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ def serve_master(
 
     With `api_address`, the control API listens there too, and its
     discovery files are written to `.monomyth/` in the current folder.
-    Returns the exit code: 0, or 4 when a node type of a pipeline failed.
+    Returns the exit code: 0; 3 when it exits because its pipelines
+    finished with items in a fail queue; or 4 when a node type failed.
     """
     pipelines = []
     for path in pipeline_files:
@@ -149,9 +151,11 @@ def serve_master(
                 run_hook(hook, params, "on_start", pipeline.name)
             master.start_pipeline(pipeline.name)
         names = [pipeline.name for pipeline, _ in pipelines]
+        is_done = False
         while not stop.wait(0.5):
             if exit_when_done and all(master.is_pipeline_done(n) for n in names):
                 logger.info("every pipeline finished; stopping workers")
+                is_done = True
                 break
         master.shutdown_workers(drain_timeout_s=60.0)
         stats = master.type_stats()
@@ -174,7 +178,29 @@ def serve_master(
         for lock in locks:
             if lock is not None:
                 lock.close()
-    return 4 if failed else 0
+    if failed:
+        return 4
+    if is_done and _count_failed_items(stream_url, [p for p, _ in pipelines]):
+        return 3
+    return 0
+
+
+def _count_failed_items(stream_url: str, pipelines: list) -> int:
+    """Log and return the items that the pipelines' fail queues contain."""
+    queues = [p.fail_queue(node) for p in pipelines for node in p.nodes]
+    stream = open_stream(stream_url, owner=f"engine-master-{os.getpid()}")
+    try:
+        depths = stream.depths(queues)
+    finally:
+        stream.close()
+    for queue, depth in depths.items():
+        if depth:
+            logger.warning(
+                "%d failed items kept in queue %s; see engine fail-queue list",
+                depth,
+                queue,
+            )
+    return sum(depths.values())
 
 
 def _own(pipeline: object, overrides: dict[str, str]) -> dict[str, str]:

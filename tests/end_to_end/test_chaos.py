@@ -11,7 +11,6 @@ import pytest
 from tests.end_to_end.conftest import REPOSITORY
 from tests.helpers import require_service
 
-
 # Enough chunks on each stream for the run to outlast every fault, which
 # come 0.5 s apart: the SQLite run counts faster.
 CHUNKS = {"sqlite": "80000", "rabbitmq": "30000"}

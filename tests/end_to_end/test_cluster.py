@@ -653,3 +653,39 @@ def test_sigterm_drains_worker(tmp_path: Path, cluster, write_pipeline) -> None:
     connection.close()
     assert len(set(written)) == len(written)
     assert len(written) + pending == 3000
+
+
+FAILING_ITEMS = """
+from engine import Pipeline
+
+
+pipeline = Pipeline("picky", params={})
+
+
+@pipeline.source()
+def numbers():
+    yield from range(10)
+
+
+@pipeline.transform(after="numbers", retries=0)
+def invert(number):
+    return 1 / (number % 5)
+
+
+@pipeline.sink(after="invert")
+def drop(value):
+    pass
+"""
+
+
+def test_master_with_failed_items_exits_3(
+    tmp_path: Path, cluster, vhost, write_pipeline
+) -> None:
+    pipeline = write_pipeline(FAILING_ITEMS)
+    master = cluster.start_master(
+        str(pipeline), "--stream", amqp_url(vhost), "--exit-when-done"
+    )
+    cluster.start_worker("worker-a")
+
+    assert master.wait(timeout=120) == 3, cluster.output()
+    assert "2 failed items kept in queue picky.invert-fail" in cluster.output()
