@@ -10,7 +10,7 @@ Exit codes:
   2    invalid command line or run parameter
   3    the run completed, but some items ended in a fail queue
   4    a node failed: it could not start, or crashed past its restart budget
-  130  interrupted by Ctrl-C
+  130  interrupted by Ctrl-C or SIGTERM
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class ExitCode(enum.IntEnum):
     NODE_FAILED = 4
     """A node could not start, or crashed more often than its restart budget."""
     INTERRUPTED = 130
-    """Stopped by Ctrl-C (SIGINT)."""
+    """Stopped by Ctrl-C (SIGINT) or SIGTERM."""
 
 
 def _parse_params(values: tuple[str, ...]) -> dict[str, str]:

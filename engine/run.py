@@ -129,7 +129,12 @@ class LocalRun:
             self.master = Master(secret.encode(), self.stream_url)
             self.master.start()
             control: ControlAPI | None = None
-            previous = signal.signal(signal.SIGINT, self._on_interrupt)
+            # SIGTERM, the stop signal of service managers and containers,
+            # drains the run as Ctrl-C does.
+            previous = {
+                number: signal.signal(number, self._on_interrupt)
+                for number in (signal.SIGINT, signal.SIGTERM)
+            }
             try:
                 try:
                     self.master.add_pipeline(self.pipeline, self.params)
@@ -153,7 +158,7 @@ class LocalRun:
                     # A held run counts Ctrl-C until the hold ends, so that
                     # one pressed while the nodes drain ends the run.
                     if not self.hold:
-                        signal.signal(signal.SIGINT, previous)
+                        _restore_handlers(previous)
                 if not self.hold:
                     self._close_services(control)
                 outcome = self._finish(stream, status, time.monotonic() - started)
@@ -161,7 +166,7 @@ class LocalRun:
                     assert control is not None
                     self._hold_until_interrupted(control.url)
             finally:
-                signal.signal(signal.SIGINT, previous)
+                _restore_handlers(previous)
                 self._close_services(control)
             return outcome
         finally:
@@ -481,3 +486,8 @@ def run_hook(hook: Any, params: dict[str, Any], kind: str, pipeline: str) -> Non
             f"{kind} hook {name!r} of pipeline {pipeline!r} failed: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _restore_handlers(previous: dict[int, Any]) -> None:
+    for number, handler in previous.items():
+        signal.signal(number, handler)

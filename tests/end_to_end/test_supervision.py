@@ -1186,3 +1186,33 @@ def test_batched_transform_returning_text_fails(tmp_path, write_pipeline) -> Non
     assert error["type"] == "TypeError"
     assert "batched transform 'total' returned str" in error["message"]
     assert "return a list" in error["message"]
+
+
+def test_sigterm_drains_like_ctrl_c(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(SLOW_SOURCE)
+    output = tmp_path / "out.jsonl"
+    process = subprocess.Popen(
+        [engine_command(), "run", str(pipeline), "-p", "count=300"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: output.exists() and len(output.read_text().splitlines()) >= 20,
+            timeout_s=60,
+            what="20 items written by the sink",
+        )
+        process.send_signal(signal.SIGTERM)
+        stdout, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    assert process.returncode == 130
+    assert "interrupted: draining nodes" in stdout
+    resumed = run_engine("run", str(pipeline), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    written = [int(line) for line in output.read_text().splitlines()]
+    assert sorted(written) == list(range(300))
