@@ -208,7 +208,9 @@ class ControlAPI:
         Call it after `start`, once the API serves requests. `close` removes
         the files.
         """
-        self.discovery = DiscoveryFile(self.url, self.token, pipelines, folder)
+        self.discovery = DiscoveryFile(
+            self.url, self.token, pipelines, folder, self.stream_url
+        )
         self.discovery.write()
 
     def close(self) -> None:
@@ -833,18 +835,32 @@ class DiscoveryFile:
     """
 
     def __init__(
-        self, api_url: str, token: bytes | None, pipelines: list[str], folder: Path
+        self,
+        api_url: str,
+        token: bytes | None,
+        pipelines: list[str],
+        folder: Path,
+        stream_url: str = "",
     ) -> None:
         self.api_url = api_url
         self.token = token
         self.pipelines = pipelines
+        # The master's data stream, for `engine fail-queue`. The file is
+        # private to its user, like the token, because the URL may hold a
+        # password.
+        self.stream_url = stream_url
         self.path = folder / DISCOVERY_FILE.name
         self.token_path = folder / TOKEN_FILE.name
 
     def write(self) -> None:
         """Write both files, replacing those of an earlier process."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        content = {"api": self.api_url, "pid": os.getpid(), "pipelines": self.pipelines}
+        content = {
+            "api": self.api_url,
+            "pid": os.getpid(),
+            "pipelines": self.pipelines,
+            "stream": self.stream_url,
+        }
         if self.token is not None:
             _write_private(self.token_path, self.token + b"\n")
         _write_private(self.path, json.dumps(content, indent=2).encode() + b"\n")

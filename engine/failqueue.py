@@ -8,12 +8,15 @@ puts every item back, so listing changes nothing.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
 
+from engine.api import DISCOVERY_FILE
 from engine.errors import EngineError
 from engine.streams import Delivery, Stream, open_stream
 
@@ -35,9 +38,50 @@ def fail_queue_name(node: str) -> str:
 
 
 def default_stream(node: str) -> str:
-    """Return the stream that `engine run` uses for the pipeline of `node`."""
+    """Return the stream of the pipeline of `node`, as run from this folder.
+
+    That is the stream of the master or run whose discovery file in
+    `.monomyth/` names the pipeline, while that process runs. Otherwise it is
+    the file that `engine run` uses, `.monomyth/<pipeline>.db`, which must
+    exist: opening a missing one would create an empty stream and report no
+    failed items.
+    """
     pipeline = node.split(".", 1)[0]
-    return f"sqlite:///.monomyth/{pipeline}.db"
+    discovery = _running_discovery()
+    if discovery is not None and pipeline in discovery.get("pipelines", []):
+        stream_url = discovery.get("stream")
+        if isinstance(stream_url, str) and stream_url:
+            return stream_url
+    path = Path(".monomyth") / f"{pipeline}.db"
+    if not path.exists():
+        raise EngineError(
+            f"no stream of pipeline {pipeline!r} here: {str(path)!r} does not "
+            "exist and no running master in this folder serves the pipeline; run "
+            "the command in the folder of the run, or pass --stream URL"
+        )
+    return f"sqlite:///{path}"
+
+
+def _running_discovery() -> dict | None:
+    try:
+        content = json.loads(DISCOVERY_FILE.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(content, dict) or not _is_alive(content.get("pid")):
+        return None
+    return content
+
+
+def _is_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager
@@ -96,8 +140,8 @@ _stream_option = click.option(
     "--stream",
     "stream_url",
     metavar="URL",
-    help="Data stream URL; default: the one engine run uses, "
-    "sqlite:///.monomyth/<pipeline>.db in the current folder.",
+    help="Data stream URL; default: the stream of the master running in the "
+    "current folder, else sqlite:///.monomyth/<pipeline>.db there.",
 )
 
 

@@ -282,3 +282,69 @@ def test_master_invalid_api_address_is_usage_error(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "invalid address 'nowhere'" in result.stderr
+
+
+FAILING = """
+from engine import Pipeline
+
+
+pipeline = Pipeline("picky", params={})
+
+
+@pipeline.source()
+def numbers():
+    yield from range(10)
+
+
+@pipeline.transform(after="numbers", retries=0)
+def invert(number):
+    return 1 / (number % 5)
+
+
+@pipeline.sink(after="invert")
+def drop(value):
+    pass
+"""
+
+
+def test_fail_queue_reads_running_master_stream(tmp_path: Path) -> None:
+    pipeline = tmp_path / "picky.py"
+    pipeline.write_text(FAILING)
+    stream_url = f"sqlite:///{tmp_path / 'elsewhere' / 'picky.db'}"
+    run = run_engine("run", str(pipeline), "--stream", stream_url, cwd=tmp_path)
+    assert run.returncode == 3, run.stderr
+    master_folder = tmp_path / "master"
+    master_folder.mkdir()
+    process = subprocess.Popen(
+        [
+            engine_command(),
+            "master",
+            str(pipeline),
+            "--stream",
+            stream_url,
+            "--bind",
+            f"127.0.0.1:{free_port()}",
+            "--api",
+            "127.0.0.1:0",
+        ],
+        cwd=master_folder,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    discovery = master_folder / ".monomyth" / "control.json"
+    try:
+        wait_for(
+            lambda: discovery.exists() or process.poll() is not None,
+            timeout_s=60,
+            what="the discovery file of engine master",
+        )
+        assert process.poll() is None, process.communicate()
+        listed = run_engine("fail-queue", "list", "picky.invert", cwd=master_folder)
+    finally:
+        stop_process(process)
+
+    assert listed.returncode == 0, listed.stderr
+    assert "2 failed items in picky.invert-fail" in listed.stdout
+    assert not (master_folder / ".monomyth" / "picky.db").exists()

@@ -575,6 +575,11 @@ def test_fail_queue_commands(tmp_path, write_pipeline) -> None:
     assert missing.returncode == 1
     assert "item 'nope' not found in failing.invert-fail" in missing.stderr
 
+    elsewhere = run_engine("fail-queue", "list", "other.invert", cwd=tmp_path)
+    assert elsewhere.returncode == 1
+    assert "no stream of pipeline 'other' here" in elsewhere.stderr
+    assert not (tmp_path / ".monomyth" / "other.db").exists()
+
     replayed = run_engine(
         "fail-queue", "replay", "failing.invert", "--id", item_id, cwd=tmp_path
     )
