@@ -114,6 +114,9 @@ class PostgresSink:
     which the engine sets for each batch. The table is `dedupe_table`, as
     `name` or `schema.name`. By default it is `monomyth_applied` in the first
     schema of the connection's search_path. `setup` creates it when missing.
+    The ids are the same on every run of a pipeline, so a new run into the
+    same database skips every item: empty that table in an `on_start` hook,
+    as examples/wordcount.py does, to apply them again.
 
     A lost connection (a server restart, a network failure), a deadlock or a
     serialization failure makes the sink retry the transaction up to

@@ -62,7 +62,9 @@ class SQLiteSink:
     transaction, and skips items whose id is recorded there. A batch that is
     delivered again after a crash between commit and acknowledgement then
     changes nothing. The ids come from `ctx.item_ids`, which the engine sets
-    for each batch.
+    for each batch. They are the same on every run of a pipeline, so a new
+    run into the same database skips every item: empty `monomyth_applied` in
+    an `on_start` hook, as examples/wordcount.py does, to apply them again.
 
     `combine(items)`, when given, merges the new items of a batch (after
     dedupe) into fewer items before their rows are built, such as the word
