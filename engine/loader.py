@@ -59,6 +59,7 @@ def load_pipeline(path: str | Path, name: str | None = None) -> Pipeline:
     defined = list(found.values())
     pipelines = [p for p in defined if name is None or p.name == name]
     if len(pipelines) == 1:
+        pipelines[0].source_file = str(path)
         return pipelines[0]
     if not pipelines and name is not None and defined:
         names = ", ".join(repr(pipeline.name) for pipeline in defined)

@@ -147,6 +147,10 @@ class Pipeline:
         self.param_checks: list[Callable[[dict[str, Any]], None]] = []
         self.start_hooks: list[Callable[[dict[str, Any]], None]] = []
         self.completion_hooks: list[Callable[[dict[str, Any]], None]] = []
+        # The file that defined the pipeline, set by the loader. Its functions
+        # travel by value, and cloudpickle replaces their file name in
+        # tracebacks by "<dynamic-code>", which the node runtime puts back.
+        self.source_file = ""
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, nodes={list(self.nodes)!r})"

@@ -44,6 +44,9 @@ class Recipe:
     fail_queue: str
     params: dict[str, Any]
     serializer: str
+    # The pipeline file, for tracebacks; "" when the pipeline was not loaded
+    # from a file.
+    source_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,7 @@ def build_recipe(pipeline: Pipeline, node: str, params: dict[str, Any]) -> bytes
         fail_queue=pipeline.fail_queue(node),
         params=params,
         serializer=pipeline.serializer,
+        source_file=pipeline.source_file,
     )
     header = {
         "format": FORMAT_VERSION,

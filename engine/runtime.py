@@ -750,7 +750,7 @@ class NodeRunner:
             "attempt": attempt,
             "type": type(exc).__name__,
             "message": str(exc),
-            "traceback": "".join(traceback.format_exception(exc)),
+            "traceback": self._format_traceback(exc),
             "time": time.time(),
         }
         record = dict(envelope)
@@ -779,6 +779,16 @@ class NodeRunner:
             self.launch.node_id,
             attempt,
             error["type"],
+        )
+
+    def _format_traceback(self, exc: BaseException) -> str:
+        text = "".join(traceback.format_exception(exc))
+        if not self.recipe.source_file:
+            return text
+        # The functions of the pipeline file travel by value, and cloudpickle
+        # names their file "<dynamic-code>".
+        return text.replace(
+            'File "<dynamic-code>"', f'File "{self.recipe.source_file}"'
         )
 
     def _encode_record(self, record: dict[str, Any]) -> bytes:

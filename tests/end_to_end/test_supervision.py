@@ -145,6 +145,7 @@ def test_failed_items_go_to_fail_queue(tmp_path, write_pipeline) -> None:
     assert error["type"] == "ValueError"
     assert error["message"].startswith("cannot invert")
     assert "Traceback" in error["traceback"]
+    assert f'File "{pipeline}", line' in error["traceback"]
     assert error["node"] == "invert"
     assert error["attempt"] == 1
 
