@@ -544,7 +544,11 @@ def _convert(key: str, text: str, default: Any) -> Any:
         if isinstance(default, int):
             return int(text)
         if isinstance(default, float):
-            return float(text)
+            number = float(text)
+            # Items are JSON, which has no NaN or infinity.
+            if not math.isfinite(number):
+                raise ValueError(text)
+            return number
         if isinstance(default, (list, dict)):
             value = json.loads(text)
             if not isinstance(value, type(default)):
@@ -555,6 +559,7 @@ def _convert(key: str, text: str, default: Any) -> Any:
             f"invalid value {text!r} for parameter {key!r}: expected "
             f"{type(default).__name__} like the default {default!r}"
             + (" written as JSON" if isinstance(default, (list, dict)) else "")
+            + (", and finite" if isinstance(default, float) else "")
         ) from None
     return text
 

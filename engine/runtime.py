@@ -629,6 +629,10 @@ class NodeRunner:
         try:
             results = self._call_function(envelope["payload"])
             self._place_results(item_id, results, staged, envelope)
+        except EncodingError as exc:
+            # The same result fails to encode on every attempt.
+            self._fail(envelope, delivery, exc, batch, retry=False)
+            return
         except Exception as exc:
             self._fail(envelope, delivery, exc, batch, retry=True)
             return

@@ -1222,3 +1222,45 @@ def test_sigterm_drains_like_ctrl_c(tmp_path, write_pipeline) -> None:
     assert resumed.returncode == 0, resumed.stderr
     written = [int(line) for line in output.read_text().splitlines()]
     assert sorted(written) == list(range(300))
+
+
+UNENCODABLE = """
+from engine import Pipeline
+
+
+pipeline = Pipeline("unencodable", params={})
+
+
+@pipeline.source()
+def numbers():
+    yield from range(2)
+
+
+@pipeline.transform(after="numbers", retries=2, retry_backoff_s=0.05)
+def wrap(number):
+    return {"value": number, "kind": object()}
+
+
+@pipeline.sink(after="wrap")
+def drop(item):
+    pass
+"""
+
+
+def test_unencodable_result_fails_without_retry(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(UNENCODABLE)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path)
+
+    assert result.returncode == 3, result.stderr
+    url = f"sqlite:///{tmp_path}/.monomyth/unencodable.db"
+    stream = open_stream(url, owner="test")
+    try:
+        deliveries = stream.pull(["unencodable.wrap-fail"], 100, 0.5)
+        records = [json.loads(d.body) for d in deliveries]
+    finally:
+        stream.close()
+    assert sorted(record["payload"] for record in records) == [0, 1]
+    for record in records:
+        assert len(record["errors"]) == 1
+        assert record["errors"][0]["type"] == "EncodingError"

@@ -850,6 +850,8 @@ def test_resolve_params_converts_bool(
         ("lines", "ten", "int"),
         ("lines", "2.5", "int"),
         ("ratio", "half", "float"),
+        ("ratio", "nan", "float"),
+        ("ratio", "-inf", "float"),
         ("verbose", "maybe", "bool"),
     ],
 )
