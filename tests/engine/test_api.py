@@ -715,7 +715,12 @@ def test_discovery_files_private_and_removed(api: ControlAPI, tmp_path: Path) ->
     api.write_discovery(["p"], folder)
 
     content = json.loads((folder / "control.json").read_text())
-    assert content == {"api": api.url, "pid": os.getpid(), "pipelines": ["p"]}
+    assert content == {
+        "api": api.url,
+        "pid": os.getpid(),
+        "pipelines": ["p"],
+        "stream": api.stream_url,
+    }
     assert (folder / "control.token").read_bytes() == SECRET + b"\n"
     for name in ("control.json", "control.token"):
         assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600
