@@ -881,6 +881,20 @@ class DiscoveryFile:
             self.path.unlink()
 
 
+def is_process_alive(pid: object) -> bool:
+    """Return True when `pid`, as read from a discovery file, names a process."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # The process exists but belongs to another user.
+        return True
+    return True
+
+
 def _write_private(path: Path, data: bytes) -> None:
     # Write a temporary file and rename it, so a reader never sees half a file.
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -26,7 +26,13 @@ from urllib.parse import quote, urlsplit
 
 import click
 
-from engine.api import DEFAULT_API_PORT, DISCOVERY_FILE, MAX_COUNT, TOKEN_FILE
+from engine.api import (
+    DEFAULT_API_PORT,
+    DISCOVERY_FILE,
+    MAX_COUNT,
+    TOKEN_FILE,
+    is_process_alive,
+)
 from engine.errors import EngineError
 
 API_VARIABLE = "MONOMYTH_API"
@@ -140,19 +146,6 @@ def _read_discovery() -> dict[str, Any] | None:
     return content
 
 
-def _is_process_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        # The process exists but belongs to another user.
-        return True
-    return True
-
-
 def _check_url(url: str, source: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -191,7 +184,7 @@ def make_client(
         url = _check_url(api_url, f"--api or ${API_VARIABLE}")
     elif discovery is not None:
         url = _check_url(discovery["api"], str(DISCOVERY_FILE))
-        if not _is_process_alive(discovery.get("pid")):
+        if not is_process_alive(discovery.get("pid")):
             note = (
                 f"; {DISCOVERY_FILE} names it, but process {discovery.get('pid')} "
                 "that wrote the file is gone, so delete the file"

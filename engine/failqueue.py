@@ -8,7 +8,6 @@ puts every item back, so listing changes nothing.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import click
 
-from engine.api import DISCOVERY_FILE
+from engine.api import DISCOVERY_FILE, is_process_alive
 from engine.errors import EngineError
 from engine.streams import Delivery, Stream, open_stream
 
@@ -67,21 +66,9 @@ def _running_discovery() -> dict | None:
         content = json.loads(DISCOVERY_FILE.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(content, dict) or not _is_alive(content.get("pid")):
+    if not isinstance(content, dict) or not is_process_alive(content.get("pid")):
         return None
     return content
-
-
-def _is_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextmanager

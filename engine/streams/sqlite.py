@@ -33,6 +33,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from engine.errors import StreamError, StreamUnavailableError
+from engine.streams._checks import (
+    check_bodies,
+    check_delay,
+    check_position,
+    delivery_ids,
+    unique_queue_names,
+)
 from engine.streams.base import Delivery
 
 if TYPE_CHECKING:
@@ -171,7 +178,7 @@ class SQLiteStream:
         Publishing to an undeclared queue works on this stream, but other
         backends drop such messages, so declare every queue first.
         """
-        names = _unique_queue_names(queues)
+        names = unique_queue_names(queues)
         self._write(
             "declare queues",
             lambda connection: connection.executemany(
@@ -193,10 +200,10 @@ class SQLiteStream:
         transaction stores `count` under `key` for `read_position`. Raises
         `TypeError` for a body that is not bytes.
         """
-        _check_delay(delay_s)
+        check_delay(delay_s)
         messages = _checked_messages(messages)
         if position is not None:
-            _check_position(position)
+            check_position(position)
         elif not messages:
             return
 
@@ -222,7 +229,7 @@ class SQLiteStream:
 
     def read_position(self, key: str) -> int:
         """Return the count stored under `key` by `publish`, or 0 when none is."""
-        _check_position((key, 0))
+        check_position((key, 0))
         rows = self._read(
             "read position", "SELECT position FROM positions WHERE key = ?", [key]
         )
@@ -240,7 +247,7 @@ class SQLiteStream:
         Messages come in the order they became visible, then in the order
         they were published.
         """
-        names = _unique_queue_names(queues)
+        names = unique_queue_names(queues)
         if not names:
             raise ValueError("invalid queues=[]: name at least one queue to pull")
         if max_count < 1:
@@ -277,7 +284,7 @@ class SQLiteStream:
         message whose lease expired and that another process pulled since
         stays with that process, and a warning gives the count.
         """
-        ids = _delivery_ids(deliveries)
+        ids = delivery_ids(deliveries)
         if not ids:
             return
         deleted = self._write(
@@ -305,9 +312,9 @@ class SQLiteStream:
         """
         groups = [(0.0, _checked_messages(messages))]
         for delay_s, delayed_messages in (delayed or {}).items():
-            _check_delay(delay_s)
+            check_delay(delay_s)
             groups.append((delay_s, _checked_messages(delayed_messages)))
-        ids = _delivery_ids(deliveries)
+        ids = delivery_ids(deliveries)
 
         def settle(connection: sqlite3.Connection) -> bool:
             if ids and self._delete_held(connection, ids) < len(ids):
@@ -351,7 +358,7 @@ class SQLiteStream:
         redelivered; with `requeue=False` they are dropped. Like `ack`, this
         skips messages that another process pulled after their lease expired.
         """
-        ids = _delivery_ids(deliveries)
+        ids = delivery_ids(deliveries)
         if not ids:
             return
 
@@ -378,7 +385,7 @@ class SQLiteStream:
         lease_s = self.lease_s if lease_s is None else lease_s
         if not (math.isfinite(lease_s) and lease_s > 0):
             raise ValueError(f"invalid lease_s={lease_s!r}: must be more than 0")
-        ids = _delivery_ids(deliveries)
+        ids = delivery_ids(deliveries)
         if not ids:
             return
 
@@ -401,7 +408,7 @@ class SQLiteStream:
         Counts all the queues in one query, so the counts are consistent with
         each other. A queue that does not exist counts 0.
         """
-        names = _unique_queue_names(queues)
+        names = unique_queue_names(queues)
         if not names:
             return {}
         placeholders = ", ".join("?" * len(names))
@@ -420,7 +427,7 @@ class SQLiteStream:
 
         A name may also be a position key of `publish`, which is deleted too.
         """
-        names = _unique_queue_names(queues)
+        names = unique_queue_names(queues)
         if not names:
             return
 
@@ -767,19 +774,6 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in message or "busy" in message
 
 
-def _unique_queue_names(queues: Iterable[str]) -> list[str]:
-    if isinstance(queues, str):
-        raise TypeError(
-            f"invalid queues={queues!r}: expected a list of queue names, "
-            f"for example [{queues!r}]"
-        )
-    names = list(dict.fromkeys(queues))
-    for name in names:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"invalid queue name {name!r}: must be a non-empty string")
-    return names
-
-
 class _LeaseLost(Exception):
     """Rolls back a settle whose deliveries this owner no longer owns."""
 
@@ -797,38 +791,11 @@ def _marks(count: int) -> str:
     return ", ".join("?" * count)
 
 
-def _check_delay(delay_s: float) -> None:
-    if not (math.isfinite(delay_s) and delay_s >= 0):
-        raise ValueError(f"invalid delay_s={delay_s!r}: must be 0 or more")
-
-
-def _check_position(position: tuple[str, int]) -> None:
-    key, count = position
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"invalid position key {key!r}: must be a non-empty string")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(
-            f"invalid position {count!r} for key {key!r}: must be an int of 0 or more"
-        )
-
-
 def _checked_messages(
     messages: Sequence[tuple[str, bytes]],
 ) -> list[tuple[str, bytes]]:
     """Return `messages` as a list, after checking each queue name and body."""
     messages = list(messages)
-    for queue, body in messages:
-        if not isinstance(queue, str) or not queue:
-            raise ValueError(
-                f"invalid queue name {queue!r}: must be a non-empty string"
-            )
-        if not isinstance(body, bytes | bytearray | memoryview):
-            raise TypeError(
-                f"invalid message body for queue {queue!r}: expected bytes, "
-                f"got {type(body).__name__}; encode the item first"
-            )
+    unique_queue_names(queue for queue, _ in messages)
+    check_bodies(messages)
     return messages
-
-
-def _delivery_ids(deliveries: Sequence[Delivery]) -> list[int]:
-    return list(dict.fromkeys(int(delivery.delivery_id) for delivery in deliveries))
