@@ -93,8 +93,9 @@ def serve_master(
 
     With `api_address`, the control API listens there too, and its
     discovery files are written to `.monomyth/` in the current folder.
-    Returns the exit code: 0; 3 when it exits because its pipelines
-    finished with items in a fail queue; or 4 when a node type failed.
+    Returns the exit code. It is 4 when a node type failed, and 3 when the
+    master exits because its pipelines finished but left items in a fail
+    queue. Otherwise it is 0.
     """
     pipelines = []
     for path in pipeline_files:
