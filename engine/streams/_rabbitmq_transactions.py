@@ -195,7 +195,7 @@ class TransactionMixin:
 
         What it does not guarantee: atomicity when the broker itself fails
         during the commit. The results may then survive in some queues only,
-        even a part of them in one queue. And tx.commit-ok says that the
+        even a part of them in one queue. And tx.commit-ok means that the
         broker received the acks, not that it stored them, so a broker that
         fails afterwards may deliver acked messages again beside their
         results.

@@ -77,7 +77,7 @@ class Stream(Protocol):
         nothing published, so that a batch's results never exist beside its
         redelivered inputs. Returns False, with nothing published, when the
         stream no longer holds every delivery, as after a lost lease. The
-        deliveries it still holds are then made visible again.
+        deliveries it still owns are then made visible again.
         """
 
     def extend_lease(self, deliveries: Sequence[Delivery]) -> None:
