@@ -20,129 +20,43 @@ keeps no data items, so it can stop at any time without losing one.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import socket
 import threading
 import time
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine import protocol as mmop
 from engine.errors import EngineError, ProtocolError
-from engine.recipe import build_recipe
-from engine.runtime import BATCH_DURATION_BUCKETS_S
+from engine.master_placement import PlacementMixin
+from engine.master_records import (
+    STAT_KEYS,
+    NodeRecord,
+    NodeState,
+    TypeRecord,
+    TypeState,
+    WorkerRecord,
+    WorkerState,
+    apply_node_stats,
+)
+from engine.master_stats import StatsMixin
 
-if TYPE_CHECKING:
-    from engine.pipeline import Pipeline
+__all__ = [
+    "STAT_KEYS",
+    "Master",
+    "NodeRecord",
+    "NodeState",
+    "TypeRecord",
+    "TypeState",
+    "WorkerRecord",
+    "WorkerState",
+]
 
 logger = logging.getLogger(__name__)
 
-STAT_KEYS = ("items_in", "items_out", "failures", "retries", "batches")
 
-
-class NodeState(enum.Enum):
-    """A node as the master counts it."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    RESTARTING = "restarting"
-    COMPLETED = "completed"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-
-class TypeState(enum.Enum):
-    """A node type's progress through its task."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETING = "completing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-
-
-class WorkerState(enum.Enum):
-    """A worker's state, as the master tracks it."""
-
-    JOINED = "joined"
-    STOPPING = "stopping"
-    LOST = "lost"
-    STOPPED = "stopped"
-
-
-@dataclass(eq=False)
-class NodeRecord:
-    """One node process slot, across its restarts."""
-
-    node_id: str
-    node_type: str
-    worker_id: str | None
-    state: NodeState = NodeState.QUEUED
-    pid: int | None = None
-    restarts: int = 0
-    # True once a process of this node reported that it started.
-    has_started: bool = False
-    last_error: str = ""
-    stats: dict[str, int] = field(default_factory=dict)
-    cpu_percent: float = 0.0
-    memory_bytes: int = 0
-    # The last `report_progress` of the node, in its own units; 0 of 0 when none.
-    progress_done: int = 0
-    progress_total: int = 0
-    # Batches per bucket of BATCH_DURATION_BUCKETS_S plus one over the largest
-    # bound, not cumulative, and the sum of their durations.
-    batch_duration_counts: list[int] = field(
-        default_factory=lambda: [0] * (len(BATCH_DURATION_BUCKETS_S) + 1)
-    )
-    batch_duration_sum_s: float = 0.0
-
-
-@dataclass(eq=False)
-class TypeRecord:
-    """A node type: its recipe, graph neighbours and nodes."""
-
-    node_type: str
-    pipeline: str
-    node: str
-    kind: str
-    recipe: bytes
-    processes: int
-    upstream: list[str]
-    downstream: list[str]
-    input_queues: list[str]
-    state: TypeState = TypeState.PENDING
-    nodes: dict[str, NodeRecord] = field(default_factory=dict)
-    next_number: int = 1
-    last_error: str = ""
-
-    def count(self, state: NodeState) -> int:
-        return sum(1 for node in self.nodes.values() if node.state == state)
-
-    @property
-    def is_done(self) -> bool:
-        return self.state in (TypeState.COMPLETED, TypeState.FAILED)
-
-
-@dataclass(eq=False)
-class WorkerRecord:
-    """A registered worker and its connection."""
-
-    worker_id: str
-    connection: mmop.Connection | None
-    hostname: str
-    pid: int
-    cores: int
-    memory_bytes: int
-    state: WorkerState = WorkerState.JOINED
-    last_seen: float = field(default_factory=time.monotonic)
-    cpu_percent: float = 0.0
-    process_memory_bytes: int = 0
-
-
-class Master:
+class Master(PlacementMixin, StatsMixin):
     """Accept workers and clients over MMOP and run pipelines on the workers."""
 
     def __init__(
@@ -215,191 +129,6 @@ class Master:
             self.listener.close()
         for connection in connections:
             connection.close()
-
-    # Pipelines and recipes.
-
-    def add_pipeline(self, pipeline: Pipeline, params: dict[str, Any]) -> None:
-        """Build and hold the recipes of every node of a checked pipeline."""
-        pipeline.check()
-        recipes = {
-            name: build_recipe(pipeline, name, params) for name in pipeline.nodes
-        }
-        with self.lock:
-            if pipeline.name in self.pipelines:
-                raise EngineError(
-                    f"pipeline {pipeline.name!r} is loaded already; give the "
-                    "other pipeline another name"
-                )
-            names = []
-            for name, spec in pipeline.nodes.items():
-                node_type = pipeline.node_type(name)
-                self.types[node_type] = TypeRecord(
-                    node_type=node_type,
-                    pipeline=pipeline.name,
-                    node=name,
-                    kind=spec.kind,
-                    recipe=recipes[name],
-                    processes=spec.settings.processes,
-                    upstream=[pipeline.node_type(n) for n in pipeline.upstream(name)],
-                    downstream=[
-                        pipeline.node_type(n) for n in pipeline.downstream(name)
-                    ],
-                    input_queues=pipeline.input_queues(name),
-                )
-                names.append(node_type)
-            self.pipelines[pipeline.name] = names
-        logger.info("pipeline %s loaded with %d node types", pipeline.name, len(names))
-
-    def start_pipeline(
-        self,
-        name: str,
-        sources: Collection[str] | None = None,
-        resume_sources: bool = False,
-    ) -> list[str]:
-        """Start every node type of pipeline `name` with its declared processes.
-
-        `sources` names the source nodes to run, all when None. The others
-        count as completed at once, so the other nodes process what the
-        stream contains already and complete. With `resume_sources`, the
-        sources skip the items that the stream records as published by an
-        earlier run. Nodes wait in the queued state until a worker joins.
-        Returns the new node ids.
-        """
-        with self.lock:
-            if name not in self.pipelines:
-                raise EngineError(
-                    f"pipeline {name!r} not found; loaded pipelines are "
-                    + (", ".join(repr(p) for p in self.pipelines) or "none")
-                )
-            node_ids = []
-            for node_type in self.pipelines[name]:
-                record = self.types[node_type]
-                if record.kind != "source":
-                    node_ids += self.start_nodes(node_type, record.processes)
-                elif sources is None or record.node in sources:
-                    node_ids += self.start_nodes(
-                        node_type, record.processes, resume=resume_sources
-                    )
-                else:
-                    record.state = TypeState.COMPLETED
-            for node_type in self.pipelines[name]:
-                self._complete_if_ready(self.types[node_type])
-            return node_ids
-
-    def has_nodes(self, name: str) -> bool:
-        """Return True when workers reported nodes of pipeline `name` already."""
-        with self.lock:
-            return any(self.types[t].nodes for t in self.pipelines[name])
-
-    def resume_pipeline(self, name: str) -> list[str]:
-        """Start only the processes that pipeline `name` lacks after a restart.
-
-        Types whose nodes completed are left alone; for the others, as many
-        nodes start as the declared process count exceeds the live ones.
-        """
-        live = (NodeState.QUEUED, NodeState.RUNNING, NodeState.RESTARTING)
-        with self.lock:
-            node_ids = []
-            for node_type in self.pipelines[name]:
-                record = self.types[node_type]
-                if record.is_done or record.count(NodeState.COMPLETED):
-                    continue
-                running = sum(1 for n in record.nodes.values() if n.state in live)
-                if running < record.processes:
-                    # They replace processes lost while the master was down, so
-                    # a source continues after the items it published.
-                    node_ids += self.start_nodes(
-                        node_type, record.processes - running, resume=True
-                    )
-            logger.info(
-                "pipeline %s resumed with the workers' nodes; %d nodes started",
-                name,
-                len(node_ids),
-            )
-            return node_ids
-
-    def start_nodes(
-        self, node_type: str, count: int = 1, resume: bool = False
-    ) -> list[str]:
-        """Queue `count` new processes of `node_type`, placed on workers when free.
-
-        With `resume`, a source skips the items that the stream records as
-        published by the process of the same number in an earlier run.
-        """
-        with self.lock:
-            record = self.types.get(node_type)
-            if record is None:
-                known = ", ".join(repr(t) for t in self.types) or "none"
-                raise EngineError(
-                    f"node type {node_type!r} not found; known types are {known}"
-                )
-            if record.is_done:
-                raise EngineError(
-                    f"node type {node_type!r} has {record.state.value}; start the "
-                    "pipeline again to run it"
-                )
-            if record.state == TypeState.PENDING:
-                record.state = TypeState.RUNNING
-            node_ids = []
-            for _ in range(count):
-                node_id = f"{node_type}#{record.next_number}"
-                record.next_number += 1
-                record.nodes[node_id] = NodeRecord(
-                    node_id, node_type, None, has_started=resume
-                )
-                node_ids.append(node_id)
-            self._place_queued()
-            return node_ids
-
-    def _place_queued(self) -> None:
-        """Send START-NODE for every queued node that has no worker yet."""
-        for record in self.types.values():
-            for node in record.nodes.values():
-                if node.state == NodeState.QUEUED and node.worker_id is None:
-                    worker = self._choose_worker(record.node_type)
-                    if worker is None:
-                        return
-                    self._send_start(worker, record, node)
-
-    def _choose_worker(self, node_type: str) -> WorkerRecord | None:
-        candidates = [
-            w
-            for w in self.workers.values()
-            if w.state == WorkerState.JOINED and w.connection
-        ]
-        if not candidates:
-            return None
-
-        def load(worker: WorkerRecord) -> tuple[int, int, str]:
-            of_type = total = 0
-            for record in self.types.values():
-                for node in record.nodes.values():
-                    if node.worker_id == worker.worker_id and node.state in (
-                        NodeState.QUEUED,
-                        NodeState.RUNNING,
-                        NodeState.RESTARTING,
-                    ):
-                        total += 1
-                        of_type += record.node_type == node_type
-            return (of_type, total, worker.worker_id)
-
-        return min(candidates, key=load)
-
-    def _send_start(
-        self, worker: WorkerRecord, record: TypeRecord, node: NodeRecord
-    ) -> None:
-        node.worker_id = worker.worker_id
-        node.state = NodeState.QUEUED
-        is_completing = record.state == TypeState.COMPLETING
-        message = mmop.StartNode(
-            node_id=node.node_id,
-            node_type=record.node_type,
-            recipe=record.recipe,
-            complete=is_completing,
-            resume=node.has_started,
-        )
-        logger.debug("START-NODE %s sent to %s", node.node_id, worker.worker_id)
-        self._send(worker, message)
 
     def _send(self, worker: WorkerRecord, message: mmop.Message) -> None:
         if worker.connection is None:
@@ -653,17 +382,17 @@ class Master:
                 node.restarts += 1
         elif isinstance(message, mmop.NodeCompleted):
             node.state = NodeState.COMPLETED
-            _apply_stats(node, message.stats)
+            apply_node_stats(node, message.stats)
             logger.info("node %s completed on %s", node.node_id, worker.worker_id)
         elif isinstance(message, mmop.NodeStopped):
             node.state = NodeState.STOPPED
-            _apply_stats(node, message.stats)
+            apply_node_stats(node, message.stats)
         elif isinstance(message, (mmop.NodeFailed, mmop.NodeStartFailed)):
             node.state = NodeState.FAILED
             node.last_error = message.reason
             record.last_error = message.reason
             if isinstance(message, mmop.NodeFailed):
-                _apply_stats(node, message.stats)
+                apply_node_stats(node, message.stats)
             logger.error("node %s failed: %s", node.node_id, message.reason)
         else:
             logger.error(
@@ -681,7 +410,7 @@ class Master:
         node.has_started = node.has_started or bool(report.get("has_started"))
         node.cpu_percent = float(report.get("cpu_percent", 0.0))
         node.memory_bytes = int(report.get("memory_bytes", 0))
-        _apply_stats(node, report)
+        apply_node_stats(node, report)
         try:
             state = NodeState(report.get("state"))
         except ValueError:
@@ -698,54 +427,6 @@ class Master:
         node_type, _, _ = node_id.rpartition("#")
         record = self.types.get(node_type)
         return record.nodes.get(node_id) if record else None
-
-    # Completion.
-
-    def _update_type(self, record: TypeRecord) -> None:
-        """Mark a type done when no node of it is left, then cascade."""
-        if record.is_done or not record.nodes:
-            return
-        live = (NodeState.QUEUED, NodeState.RUNNING, NodeState.RESTARTING)
-        if any(node.state in live for node in record.nodes.values()):
-            return
-        if any(node.state == NodeState.COMPLETED for node in record.nodes.values()):
-            record.state = TypeState.COMPLETED
-        elif all(node.state == NodeState.STOPPED for node in record.nodes.values()):
-            return
-        else:
-            record.state = TypeState.FAILED
-        if record.count(NodeState.FAILED):
-            record.state = TypeState.FAILED
-        logger.info("node type %s %s", record.node_type, record.state.value)
-        for node_type in record.downstream:
-            self._complete_if_ready(self.types[node_type])
-
-    def _complete_if_ready(self, record: TypeRecord) -> None:
-        if record.state not in (TypeState.PENDING, TypeState.RUNNING):
-            return
-        if not all(self.types[t].is_done for t in record.upstream):
-            return
-        record.state = TypeState.COMPLETING
-        logger.info("node type %s completing: its upstream is done", record.node_type)
-        for worker in self.workers.values():
-            if worker.state == WorkerState.JOINED:
-                self._send(worker, mmop.CompleteType(node_type=record.node_type))
-
-    def is_pipeline_done(self, name: str) -> bool:
-        """Return True when every node type of pipeline `name` is done."""
-        with self.lock:
-            return all(self.types[t].is_done for t in self.pipelines[name])
-
-    def wait_pipeline(self, name: str, timeout_s: float) -> bool:
-        """Wait up to `timeout_s` for pipeline `name` to finish; True if it did."""
-        deadline = time.monotonic() + timeout_s
-        with self.changed:
-            while not self.is_pipeline_done(name):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self.changed.wait(remaining)
-            return True
 
     # Workers.
 
@@ -813,37 +494,7 @@ class Master:
             worker.connection = None
         self._release_nodes(worker)
 
-    def _release_nodes(self, worker: WorkerRecord) -> None:
-        """Queue the unfinished nodes of a gone worker for the other workers."""
-        if self.is_stopping:
-            return
-        released = 0
-        for record in self.types.values():
-            if record.is_done:
-                continue
-            for node in record.nodes.values():
-                if node.node_id in self.stop_requested_ids:
-                    continue
-                if node.worker_id == worker.worker_id and node.state in (
-                    NodeState.QUEUED,
-                    NodeState.RUNNING,
-                    NodeState.RESTARTING,
-                    NodeState.STOPPED,
-                ):
-                    node.worker_id = None
-                    node.state = NodeState.QUEUED
-                    node.pid = None
-                    released += 1
-        if released:
-            logger.info(
-                "%d nodes of worker %s queued for other workers",
-                released,
-                worker.worker_id,
-            )
-        self._place_queued()
-        self.changed.notify_all()
-
-    # Client requests and reports.
+    # Client requests.
 
     def _handle_client_message(
         self, connection: mmop.Connection, message: mmop.Message
@@ -872,222 +523,3 @@ class Master:
             logger.error("unexpected %s from a client; rejected", name)
             reply = mmop.Rejected(reason=f"the master does not take {name} here")
         connection.send(reply)
-
-    def recipe_info(self) -> dict[str, dict[str, Any]]:
-        """Return, per node type, its state and nodes queued, running and done."""
-        with self.lock:
-            return {
-                node_type: {
-                    "state": record.state.value,
-                    "queued": record.count(NodeState.QUEUED),
-                    "running": record.count(NodeState.RUNNING)
-                    + record.count(NodeState.RESTARTING),
-                    "completed": record.count(NodeState.COMPLETED),
-                    "stopped": record.count(NodeState.STOPPED),
-                    "failed": record.count(NodeState.FAILED),
-                    "last_error": record.last_error,
-                }
-                for node_type, record in self.types.items()
-            }
-
-    def worker_info(self) -> dict[str, dict[str, Any]]:
-        """Return, per worker, its host, state and node ids by type."""
-        with self.lock:
-            info: dict[str, dict[str, Any]] = {}
-            for worker_id, worker in self.workers.items():
-                nodes: dict[str, list[str]] = {}
-                for record in self.types.values():
-                    for node in record.nodes.values():
-                        if node.worker_id == worker_id and node.state in (
-                            NodeState.QUEUED,
-                            NodeState.RUNNING,
-                            NodeState.RESTARTING,
-                        ):
-                            nodes.setdefault(record.node_type, []).append(node.node_id)
-                info[worker_id] = {
-                    "hostname": worker.hostname,
-                    "pid": worker.pid,
-                    "state": worker.state.value,
-                    "cores": worker.cores,
-                    "memory_bytes": worker.memory_bytes,
-                    "cpu_percent": worker.cpu_percent,
-                    "process_memory_bytes": worker.process_memory_bytes,
-                    "last_seen_s_ago": round(time.monotonic() - worker.last_seen, 3),
-                    "nodes": nodes,
-                }
-            return info
-
-    def type_stats(self, names: Iterable[str] | None = None) -> dict[str, dict]:
-        """Return, per node type, its state, counters summed over its nodes, and
-        its processes by state."""
-        with self.lock:
-            result = {}
-            for node_type in names or self.types:
-                record = self.types[node_type]
-                totals = dict.fromkeys(STAT_KEYS, 0)
-                restarts = progress_done = progress_total = 0
-                for node in record.nodes.values():
-                    for key in STAT_KEYS:
-                        totals[key] += node.stats.get(key, 0)
-                    restarts += node.restarts
-                    progress_done += node.progress_done
-                    progress_total += node.progress_total
-                result[node_type] = {
-                    "node": record.node,
-                    "kind": record.kind,
-                    "state": record.state.value,
-                    "running": record.count(NodeState.RUNNING),
-                    "processes": len(record.nodes),
-                    "restarts": restarts,
-                    "last_error": record.last_error,
-                    "input_queues": list(record.input_queues),
-                    **totals,
-                    "progress_done": progress_done,
-                    "progress_total": progress_total,
-                }
-            return result
-
-    def node_stats(self) -> dict[str, dict[str, Any]]:
-        """Return, per node id, its type, worker, state and counters."""
-        with self.lock:
-            return {
-                node.node_id: {
-                    "node_type": record.node_type,
-                    "worker_id": node.worker_id,
-                    "state": node.state.value,
-                    "pid": node.pid,
-                    "restarts": node.restarts,
-                    "cpu_percent": node.cpu_percent,
-                    "memory_bytes": node.memory_bytes,
-                    **{key: node.stats.get(key, 0) for key in STAT_KEYS},
-                    "progress_done": node.progress_done,
-                    "progress_total": node.progress_total,
-                }
-                for record in self.types.values()
-                for node in record.nodes.values()
-            }
-
-    def batch_durations(self) -> dict[str, tuple[list[int], float]]:
-        """Return, per node type, its batch duration histogram summed over nodes.
-
-        Each value is the count per bucket of BATCH_DURATION_BUCKETS_S plus
-        one for the batches over its largest bound, not cumulative, and the
-        sum of the durations in seconds.
-        """
-        with self.lock:
-            result = {}
-            for node_type, record in self.types.items():
-                counts = [0] * (len(BATCH_DURATION_BUCKETS_S) + 1)
-                total_s = 0.0
-                for node in record.nodes.values():
-                    for index, count in enumerate(node.batch_duration_counts):
-                        counts[index] += count
-                    total_s += node.batch_duration_sum_s
-                result[node_type] = (counts, total_s)
-            return result
-
-    # Stopping and scaling the nodes of a type.
-
-    def _stop_requested_ids(self) -> set[str]:
-        """Return the ids of nodes sent STOP-NODE that may still be draining."""
-        # Ids stay after NODE-STOPPED arrives, which is harmless because
-        # `active_node_ids` checks the node's state first.
-        return self.stop_requested_ids
-
-    def active_node_ids(self, node_type: str) -> list[str]:
-        """Return the ids of the live nodes of `node_type` not asked to stop.
-
-        Live nodes are queued, running or restarting. The ids come oldest
-        first. Raises `EngineError` for an unknown node type.
-        """
-        with self.lock:
-            record = self.types.get(node_type)
-            if record is None:
-                known = ", ".join(repr(t) for t in self.types) or "none"
-                raise EngineError(
-                    f"node type {node_type!r} not found; known types are {known}"
-                )
-            stopping = self._stop_requested_ids()
-            live = (NodeState.QUEUED, NodeState.RUNNING, NodeState.RESTARTING)
-            return [
-                node.node_id
-                for node in record.nodes.values()
-                if node.state in live and node.node_id not in stopping
-            ]
-
-    def stop_nodes(self, node_type: str, count: int = 1) -> list[str]:
-        """Drain and stop up to `count` of the newest live nodes of `node_type`.
-
-        A node placed on a worker gets STOP-NODE: it finishes its batch and
-        exits, and counts as stopped once its worker reports NODE-STOPPED. A
-        node still queued for want of a worker is stopped at once. Returns
-        the ids of the nodes asked to stop, newest first, which are fewer
-        than `count` when fewer are live. Raises `EngineError` for an unknown
-        node type.
-
-        Limits: stopping every node of a type leaves the type running, so
-        the types downstream of it never complete.
-        """
-        with self.lock:
-            newest_first = self.active_node_ids(node_type)[::-1][:count]
-            record = self.types[node_type]
-            for node_id in newest_first:
-                node = record.nodes[node_id]
-                worker = self.workers.get(node.worker_id or "")
-                if worker is None:
-                    node.state = NodeState.STOPPED
-                    continue
-                self._stop_requested_ids().add(node_id)
-                logger.debug("STOP-NODE %s sent to %s", node_id, worker.worker_id)
-                self._send(worker, mmop.StopNode(node_id=node_id))
-            if newest_first:
-                self._update_type(record)
-                self.changed.notify_all()
-            return newest_first
-
-    def scale_nodes(self, node_type: str, count: int) -> tuple[list[str], list[str]]:
-        """Start or stop nodes of `node_type` until `count` of them are live.
-
-        Nodes already asked to stop do not count. Returns the ids of the
-        nodes started and of those asked to stop, and one of the two lists
-        is empty.
-        Raises `EngineError` for an unknown node type, and for a type that
-        has completed or failed when nodes would have to start.
-        """
-        with self.lock:
-            active = len(self.active_node_ids(node_type))
-            if count > active:
-                return self.start_nodes(node_type, count - active), []
-            return [], self.stop_nodes(node_type, active - count)
-
-
-def _apply_stats(node: NodeRecord, stats: dict[str, Any]) -> None:
-    """Copy the counters of a worker's node report or final stats into `node`.
-
-    A member that is missing or of the wrong type keeps its previous value,
-    so that a report from a worker of another version cannot stop the master.
-    """
-    node.stats = {
-        key: _count(stats.get(key), node.stats.get(key, 0)) for key in STAT_KEYS
-    }
-    node.progress_done = _count(stats.get("progress_done"), node.progress_done)
-    node.progress_total = _count(stats.get("progress_total"), node.progress_total)
-    counts = stats.get("batch_duration_counts")
-    total_s = stats.get("batch_duration_sum_s")
-    is_histogram = (
-        isinstance(counts, list)
-        and len(counts) == len(BATCH_DURATION_BUCKETS_S) + 1
-        and all(_count(count, -1) >= 0 for count in counts)
-        and isinstance(total_s, int | float)
-        and not isinstance(total_s, bool)
-        and total_s >= 0
-    )
-    if is_histogram:
-        node.batch_duration_counts = [int(count) for count in counts]
-        node.batch_duration_sum_s = float(total_s)
-
-
-def _count(value: Any, default: int) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return default
