@@ -243,6 +243,9 @@ class PlacementMixin:
             self._complete_if_ready(self.types[node_type])
 
     def _complete_if_ready(self, record: TypeRecord) -> None:
+        # A source completes when its generator is exhausted, not on request.
+        if record.kind == "source":
+            return
         if record.state not in (TypeState.PENDING, TypeState.RUNNING):
             return
         if not all(self.types[t].is_done for t in record.upstream):

@@ -202,8 +202,12 @@ def format_summary(
         f"{'failed':>8} {'restarts':>8}"
     )
     for entry in stats.values():
+        state = entry["state"]
+        if outcome == "interrupted" and state not in ("completed", "failed"):
+            # The interrupt stopped this type's nodes before their input ended.
+            state = "stopped"
         lines.append(
-            f"  {entry['node']:<{width}}  {entry['state']:<10} "
+            f"  {entry['node']:<{width}}  {state:<10} "
             f"{entry['items_in']:>10} {entry['items_out']:>10} "
             f"{entry['failures']:>8} {entry['restarts']:>8}"
         )

@@ -375,6 +375,9 @@ def test_interrupt_drains_without_losing_items(tmp_path, write_pipeline) -> None
 
     assert process.returncode == 130, stderr
     assert "interrupted" in stdout
+    # The summary shows the types that the interrupt cut short as stopped.
+    assert re.search(r"^  wait\s+stopped\s", stdout, re.MULTILINE), stdout
+    assert re.search(r"^  write\s+stopped\s", stdout, re.MULTILINE), stdout
     written = [int(line) for line in output.read_text().splitlines()]
     stream = open_stream(f"sqlite:///{tmp_path}/.monomyth/slow.db", owner="test")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,5 +38,51 @@ def test_worker_joining_after_shutdown_stops(master: Master) -> None:
         assert worker.started_ids() == []
         assert shutdowns[0].drain_timeout_s == 7.0
         assert master.worker_info()[worker.worker_id]["state"] == "stopping"
+    finally:
+        worker.close()
+
+
+def test_master_keeps_running_source_running(master: Master) -> None:
+    worker = FakeWorker(master)
+    try:
+        master.start_pipeline("p")
+        wait_for(
+            lambda: "p.a#1" in worker.started_ids(),
+            timeout_s=10,
+            what="START-NODE of source p.a#1",
+        )
+        worker.report(mmop.NodeStarted, "p.a#1", pid=os.getpid())
+        wait_for(
+            lambda: master.recipe_info()["p.a"]["running"] == 1,
+            timeout_s=10,
+            what="source p.a counted running",
+        )
+
+        # A source ends when its generator is exhausted, never on request.
+        assert master.recipe_info()["p.a"]["state"] == "running"
+        assert worker.received(mmop.CompleteType) == []
+    finally:
+        worker.close()
+
+
+def test_master_completes_source_when_it_ends(master: Master) -> None:
+    worker = FakeWorker(master)
+    try:
+        master.start_pipeline("p")
+        wait_for(
+            lambda: "p.a#1" in worker.started_ids(),
+            timeout_s=10,
+            what="START-NODE of source p.a#1",
+        )
+        worker.report(mmop.NodeStarted, "p.a#1", pid=os.getpid())
+        worker.report(mmop.NodeCompleted, "p.a#1", stats={})
+
+        completes = wait_for(
+            lambda: worker.received(mmop.CompleteType),
+            timeout_s=10,
+            what="COMPLETE-TYPE after the source completed",
+        )
+        assert [message.node_type for message in completes] == ["p.b"]
+        assert master.recipe_info()["p.a"]["state"] == "completed"
     finally:
         worker.close()
