@@ -104,12 +104,19 @@ def _describe(delivery: Delivery) -> dict[str, Any]:
     return record
 
 
+def _as_count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 def _summary(record: dict[str, Any]) -> str:
     errors = record.get("errors") or [{}]
     last = errors[-1]
     message = str(last.get("message", "")).splitlines()[0:1]
+    # An attempt that killed its node process leaves no error of its own: the
+    # last error then counts every attempt in its `attempt` member.
+    attempts = max(len(errors), _as_count(last.get("attempt")))
     return (
-        f"{record.get('id', '?')}  attempts={len(errors)}  "
+        f"{record.get('id', '?')}  attempts={attempts}  "
         f"{last.get('type', '?')}: {message[0] if message else ''}"
     )
 

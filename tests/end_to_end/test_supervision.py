@@ -555,6 +555,8 @@ def test_poison_item_ends_in_fail_queue(tmp_path, write_pipeline) -> None:
     assert error["type"] == "NodeProcessDiedError"
     assert "died 2 times" in error["message"]
     assert "signal 9 (SIGKILL)" in error["message"]
+    listed = run_engine("fail-queue", "list", "poison.fragile", cwd=tmp_path)
+    assert "numbers:13  attempts=2  NodeProcessDiedError" in listed.stdout
 
 
 def test_fail_queue_commands(tmp_path, write_pipeline) -> None:
