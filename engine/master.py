@@ -406,7 +406,9 @@ class Master(PlacementMixin, StatsMixin):
 
     def _apply_report(self, node: NodeRecord, report: dict[str, Any]) -> None:
         node.pid = report.get("pid") or node.pid
-        node.restarts = int(report.get("restarts", node.restarts))
+        restarts = report.get("restarts")
+        if isinstance(restarts, int) and not isinstance(restarts, bool):
+            node.restarts = node.carried_restarts + restarts
         node.has_started = node.has_started or bool(report.get("has_started"))
         node.cpu_percent = float(report.get("cpu_percent", 0.0))
         node.memory_bytes = int(report.get("memory_bytes", 0))

@@ -292,6 +292,7 @@ class PlacementMixin:
                     node.worker_id = None
                     node.state = NodeState.QUEUED
                     node.pid = None
+                    node.carry_counters()
                     released += 1
         if released:
             logger.info(

@@ -72,6 +72,22 @@ class NodeRecord:
         default_factory=lambda: [0] * (len(BATCH_DURATION_BUCKETS_S) + 1)
     )
     batch_duration_sum_s: float = 0.0
+    # What the node's processes on workers now gone had counted. The next
+    # process of the node counts from 0, and its reports are added to these,
+    # so that the node's counters never go down.
+    carried_stats: dict[str, int] = field(default_factory=dict)
+    carried_batch_duration_counts: list[int] = field(
+        default_factory=lambda: [0] * (len(BATCH_DURATION_BUCKETS_S) + 1)
+    )
+    carried_batch_duration_sum_s: float = 0.0
+    carried_restarts: int = 0
+
+    def carry_counters(self) -> None:
+        """Keep the counters so far before the node moves to another worker."""
+        self.carried_stats = dict(self.stats)
+        self.carried_batch_duration_counts = list(self.batch_duration_counts)
+        self.carried_batch_duration_sum_s = self.batch_duration_sum_s
+        self.carried_restarts = self.restarts
 
 
 @dataclass(eq=False)
@@ -122,9 +138,10 @@ def apply_node_stats(node: NodeRecord, stats: dict[str, Any]) -> None:
     A member that is missing or of the wrong type keeps its previous value,
     so that a report from a worker of another version cannot stop the master.
     """
-    node.stats = {
-        key: _count(stats.get(key), node.stats.get(key, 0)) for key in STAT_KEYS
-    }
+    for key in STAT_KEYS:
+        reported = _count(stats.get(key), -1)
+        if reported >= 0:
+            node.stats[key] = node.carried_stats.get(key, 0) + reported
     node.progress_done = _count(stats.get("progress_done"), node.progress_done)
     node.progress_total = _count(stats.get("progress_total"), node.progress_total)
     counts = stats.get("batch_duration_counts")
@@ -138,8 +155,13 @@ def apply_node_stats(node: NodeRecord, stats: dict[str, Any]) -> None:
         and total_s >= 0
     )
     if is_histogram:
-        node.batch_duration_counts = [int(count) for count in counts]
-        node.batch_duration_sum_s = float(total_s)
+        node.batch_duration_counts = [
+            carried + int(count)
+            for carried, count in zip(
+                node.carried_batch_duration_counts, counts, strict=True
+            )
+        ]
+        node.batch_duration_sum_s = node.carried_batch_duration_sum_s + float(total_s)
 
 
 def _count(value: Any, default: int) -> int:

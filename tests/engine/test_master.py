@@ -86,3 +86,64 @@ def test_master_completes_source_when_it_ends(master: Master) -> None:
         assert master.recipe_info()["p.a"]["state"] == "completed"
     finally:
         worker.close()
+
+
+def heartbeat(worker: FakeWorker, node_id: str, **counters: int) -> None:
+    """Send a HEARTBEAT that reports `node_id` running with `counters`."""
+    report = {
+        "node_id": node_id,
+        "node_type": node_id.rpartition("#")[0],
+        "pid": os.getpid(),
+        "state": "running",
+        **counters,
+    }
+    worker.connection.send(
+        mmop.Heartbeat(
+            worker_id=worker.worker_id, cpu_percent=0.0, memory_bytes=0, nodes=[report]
+        )
+    )
+
+
+def test_master_keeps_counters_of_moved_node(master: Master) -> None:
+    first = FakeWorker(master, hostname="first")
+    master.start_pipeline("p")
+    wait_for(
+        lambda: "p.b#1" in first.started_ids(),
+        timeout_s=10,
+        what="START-NODE of p.b#1 on the first worker",
+    )
+    first.report(mmop.NodeStarted, "p.b#1", pid=os.getpid())
+    heartbeat(first, "p.b#1", items_in=10, items_out=10, restarts=1)
+    wait_for(
+        lambda: master.node_stats()["p.b#1"]["items_in"] == 10,
+        timeout_s=10,
+        what="10 items in counted for p.b#1",
+    )
+    first.connection.send(mmop.WorkerStopping(worker_id=first.worker_id, reason="test"))
+    second = FakeWorker(master, hostname="second")
+    try:
+        wait_for(
+            lambda: "p.b#1" in second.started_ids(),
+            timeout_s=10,
+            what="START-NODE of p.b#1 on the second worker",
+        )
+        second.report(mmop.NodeStarted, "p.b#1", pid=os.getpid())
+        heartbeat(second, "p.b#1", items_in=5, items_out=4, restarts=0)
+
+        # The new process counts from 0; the master adds what the first counted.
+        stats = wait_for(
+            lambda: (
+                master.node_stats()["p.b#1"]
+                if master.node_stats()["p.b#1"]["items_in"] != 10
+                else None
+            ),
+            timeout_s=10,
+            what="the second worker's report of p.b#1 applied",
+        )
+        assert stats["items_in"] == 15
+        assert stats["items_out"] == 14
+        assert master.type_stats(["p.b"])["p.b"]["items_in"] == 15
+        assert master.type_stats(["p.b"])["p.b"]["restarts"] == 1
+    finally:
+        first.close()
+        second.close()
