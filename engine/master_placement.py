@@ -147,12 +147,7 @@ class PlacementMixin:
         published by the process of the same number in an earlier run.
         """
         with self.lock:
-            record = self.types.get(node_type)
-            if record is None:
-                known = ", ".join(repr(t) for t in self.types) or "none"
-                raise EngineError(
-                    f"node type {node_type!r} not found; known types are {known}"
-                )
+            record = self._type_record(node_type)
             if record.is_done:
                 raise EngineError(
                     f"node type {node_type!r} has {record.state.value}; start the "
@@ -204,6 +199,16 @@ class PlacementMixin:
             return (of_type, total, worker.worker_id)
 
         return min(candidates, key=load)
+
+    def _type_record(self, node_type: str) -> TypeRecord:
+        """Return the record of `node_type`, raising `EngineError` if it is unknown."""
+        record = self.types.get(node_type)
+        if record is None:
+            known = ", ".join(repr(t) for t in self.types) or "none"
+            raise EngineError(
+                f"node type {node_type!r} not found; known types are {known}"
+            )
+        return record
 
     def _send_start(
         self, worker: WorkerRecord, record: TypeRecord, node: NodeRecord
@@ -318,12 +323,7 @@ class PlacementMixin:
         first. Raises `EngineError` for an unknown node type.
         """
         with self.lock:
-            record = self.types.get(node_type)
-            if record is None:
-                known = ", ".join(repr(t) for t in self.types) or "none"
-                raise EngineError(
-                    f"node type {node_type!r} not found; known types are {known}"
-                )
+            record = self._type_record(node_type)
             stopping = self._stop_requested_ids()
             live = (NodeState.QUEUED, NodeState.RUNNING, NodeState.RESTARTING)
             return [

@@ -42,16 +42,21 @@ def test_worker_joining_after_shutdown_stops(master: Master) -> None:
         worker.close()
 
 
+def start_source(master: Master, worker: FakeWorker) -> None:
+    """Start pipeline `p` and report its source `p.a#1` started on `worker`."""
+    master.start_pipeline("p")
+    wait_for(
+        lambda: "p.a#1" in worker.started_ids(),
+        timeout_s=10,
+        what="START-NODE of source p.a#1",
+    )
+    worker.report(mmop.NodeStarted, "p.a#1", pid=os.getpid())
+
+
 def test_master_keeps_running_source_running(master: Master) -> None:
     worker = FakeWorker(master)
     try:
-        master.start_pipeline("p")
-        wait_for(
-            lambda: "p.a#1" in worker.started_ids(),
-            timeout_s=10,
-            what="START-NODE of source p.a#1",
-        )
-        worker.report(mmop.NodeStarted, "p.a#1", pid=os.getpid())
+        start_source(master, worker)
         wait_for(
             lambda: master.recipe_info()["p.a"]["running"] == 1,
             timeout_s=10,
@@ -68,13 +73,7 @@ def test_master_keeps_running_source_running(master: Master) -> None:
 def test_master_completes_source_when_it_ends(master: Master) -> None:
     worker = FakeWorker(master)
     try:
-        master.start_pipeline("p")
-        wait_for(
-            lambda: "p.a#1" in worker.started_ids(),
-            timeout_s=10,
-            what="START-NODE of source p.a#1",
-        )
-        worker.report(mmop.NodeStarted, "p.a#1", pid=os.getpid())
+        start_source(master, worker)
         worker.report(mmop.NodeCompleted, "p.a#1", stats={})
 
         completes = wait_for(
