@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -47,6 +48,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REFRESH_INTERVAL_S = 0.5
+
+# How long past its drain timeout the worker may take to exit before the run
+# kills it: the worker needs a moment to kill its own nodes and report.
+WORKER_EXIT_GRACE_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +341,7 @@ class LocalRun:
         """Show progress until the pipeline ends, the worker dies, or Ctrl-C."""
         name = self.pipeline.name
         handled_interrupts = 0
+        kill_deadline = math.inf
         while True:
             self._show(stream)
             if self.interrupts > handled_interrupts:
@@ -345,9 +351,23 @@ class LocalRun:
                         "interrupted: draining nodes (press Ctrl-C again to kill them)"
                     )
                     self.master.shutdown_workers(self.drain_timeout_s)
+                    # The worker escalates by itself after the drain timeout;
+                    # this bounds the wait if the worker is too busy to do so.
+                    kill_deadline = (
+                        time.monotonic() + self.drain_timeout_s + WORKER_EXIT_GRACE_S
+                    )
                 else:
                     self.display.print("interrupted again: killing the worker")
                     self._kill_worker()
+            if time.monotonic() > kill_deadline and self.worker.poll() is None:
+                message = (
+                    "the worker did not stop within the drain timeout of "
+                    f"{self.drain_timeout_s:g} s; killing it"
+                )
+                logger.warning(message)
+                self.display.print(message)
+                self._kill_worker()
+                kill_deadline = math.inf
             if self.worker.poll() is not None:
                 if handled_interrupts:
                     return "interrupted"
@@ -376,7 +396,7 @@ class LocalRun:
     def _stop_worker(self) -> None:
         if self.worker.poll() is None:
             self.master.shutdown_workers(self.drain_timeout_s)
-        deadline = time.monotonic() + self.drain_timeout_s + 10.0
+        deadline = time.monotonic() + self.drain_timeout_s + WORKER_EXIT_GRACE_S
         while self.worker.poll() is None:
             if self.interrupts >= 2 or time.monotonic() > deadline:
                 self._kill_worker()

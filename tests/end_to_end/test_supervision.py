@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -419,6 +420,53 @@ def test_worker_leaves_no_node_processes(tmp_path, write_pipeline) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+    def all_gone() -> bool:
+        return not any(p.is_running() and p.status() != "zombie" for p in descendants)
+
+    wait_for(all_gone, timeout_s=30, what="every worker and node process to exit")
+
+
+def test_interrupt_kills_worker_that_hangs(tmp_path, write_pipeline) -> None:
+    import psutil
+
+    pipeline = write_pipeline(SLOW)
+    process = subprocess.Popen(
+        [engine_command(), "run", str(pipeline), "--drain-timeout", "1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    workers: list[psutil.Process] = []
+    try:
+        parent = psutil.Process(process.pid)
+        workers = wait_for(
+            lambda: [
+                child
+                for child in parent.children()
+                if len(node_processes(child.pid)) >= 2
+            ],
+            timeout_s=60,
+            what="the worker and its node processes",
+        )
+        descendants = parent.children(recursive=True)
+
+        # A stopped worker cannot drain, nor kill its nodes when the drain
+        # timeout passes: the run must kill it itself.
+        workers[0].suspend()
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        # A worker left stopped would never exit by itself.
+        for worker in workers:
+            with contextlib.suppress(psutil.Error):
+                worker.kill()
+
+    assert process.returncode == 130, output
+    assert "the worker did not stop within the drain timeout of 1 s" in output
 
     def all_gone() -> bool:
         return not any(p.is_running() and p.status() != "zombie" for p in descendants)
