@@ -1,0 +1,230 @@
+"""The processing of one batch: decode, call the node function, settle.
+
+The results and the failure records of a batch, and the ack of its
+inputs, commit in one `settle` of the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from engine._runtime_counters import BATCHES, ITEMS_IN
+from engine.errors import EngineError
+from engine.items import DecodingError, EncodingError, decode, derived_item_id, encode
+from engine.recipe import Output
+
+if TYPE_CHECKING:
+    from engine.streams import Delivery
+
+logger = logging.getLogger(__name__)
+
+
+class BatchMixin:
+    """The batch processing of `NodeRunner`.
+
+    Its methods use the state that `NodeRunner.__init__` sets.
+    """
+
+    def _process_batch(self, deliveries: list[Delivery]) -> None:
+        serializer = self.recipe.serializer
+        batch = _Batch()
+        envelopes: list[tuple[Delivery, dict[str, Any]]] = []
+        for delivery in deliveries:
+            try:
+                envelopes.append((delivery, decode(delivery.body, serializer)))
+            except DecodingError as exc:
+                envelope = {
+                    "id": f"undecodable:{delivery.delivery_id}",
+                    "attempt": 1,
+                    "payload": delivery.body.decode("utf-8", "replace"),
+                }
+                self._fail(envelope, delivery, exc, batch, retry=False)
+
+        self.counters[ITEMS_IN] += len(deliveries)
+        self.lease_keeper.deliveries = deliveries
+        # A redelivered batch may hold the item that killed the last process:
+        # take it one item at a time, so that a death names its item.
+        is_suspect = any(delivery.is_redelivered for delivery in deliveries)
+        if self.spec.is_batched and not is_suspect:
+            self._call_batched(envelopes, batch)
+        else:
+            for delivery, envelope in envelopes:
+                if self._has_crashed_too_often(delivery, envelope, batch):
+                    continue
+                self._mark_in_flight(envelope.get("id", ""))
+                if self.spec.is_batched:
+                    self._call_batched([(delivery, envelope)], batch)
+                else:
+                    self._call_one(delivery, envelope, batch)
+            self._mark_in_flight("")
+
+        # The results and the ack of the inputs commit together. A crash
+        # before leaves nothing published and the inputs delivered again, so
+        # results never exist twice, even those a batched node combined from
+        # many inputs.
+        is_settled = self.stream.settle(deliveries, batch.outgoing, batch.retries)
+        self.lease_keeper.deliveries = []
+        if not is_settled:
+            logger.warning(
+                "node %s dropped the results of a batch of %d items, which the "
+                "stream no longer held (a lease expired or the connection was "
+                "lost); they are delivered again",
+                self.launch.node_id,
+                len(deliveries),
+            )
+            return
+        self._count_published(batch)
+        if not (batch.outgoing or batch.retries):
+            # A sink's batch publishes nothing, and counts all the same.
+            self.counters[BATCHES] += 1
+        logger.debug(
+            "batch done node=%s in=%d out=%d failed=%d",
+            self.launch.node_id,
+            len(deliveries),
+            batch.results,
+            batch.failures,
+        )
+
+    def _call_one(
+        self, delivery: Delivery, envelope: dict[str, Any], batch: _Batch
+    ) -> None:
+        item_id = envelope.get("id", "")
+        self.context.item_ids = [item_id]
+        staged = _Batch()
+        try:
+            results = self._call_function(envelope["payload"])
+            self._place_results(item_id, results, staged, envelope)
+        except EncodingError as exc:
+            # The same result fails to encode on every attempt.
+            self._fail(envelope, delivery, exc, batch, retry=False)
+            return
+        except Exception as exc:
+            self._fail(envelope, delivery, exc, batch, retry=True)
+            return
+        batch.merge(staged)
+
+    def _call_function(self, payload: Any) -> list[Any]:
+        function = self.spec.function
+        if self.spec.takes_context:
+            value = function(payload, self.context)
+        else:
+            value = function(payload)
+        if self.spec.kind == "sink":
+            return []
+        if _is_generator(value):
+            return list(value)
+        return [] if value is None else [value]
+
+    def _call_batched(
+        self, envelopes: list[tuple[Delivery, dict[str, Any]]], batch: _Batch
+    ) -> None:
+        if not envelopes:
+            return
+        staged = _Batch()
+        try:
+            self._apply_batch(envelopes, staged)
+        except Exception as exc:
+            if len(envelopes) == 1:
+                delivery, envelope = envelopes[0]
+                self._fail(envelope, delivery, exc, batch, retry=True)
+                return
+            # Find the bad items: apply the batch again one item at a time.
+            logger.debug(
+                "batch failed in node %s (%s); retrying its %d items one by one",
+                self.launch.node_id,
+                exc,
+                len(envelopes),
+            )
+            for pair in envelopes:
+                self._call_batched([pair], batch)
+            return
+        batch.merge(staged)
+
+    def _apply_batch(
+        self, envelopes: list[tuple[Delivery, dict[str, Any]]], staged: _Batch
+    ) -> None:
+        payloads = [envelope["payload"] for _, envelope in envelopes]
+        item_ids = [envelope.get("id", "") for _, envelope in envelopes]
+        self.context.item_ids = item_ids
+        function = self.spec.function
+        if self.spec.takes_context:
+            value = function(payloads, self.context)
+        else:
+            value = function(payloads)
+        if self.spec.kind == "sink" or value is None:
+            return
+        if not isinstance(value, list | tuple) and not _is_generator(value):
+            # A str or a dict is iterable too, and would be sent on as its
+            # characters or its keys.
+            raise TypeError(
+                f"batched transform {self.spec.name!r} returned "
+                f"{type(value).__name__}, not a list of results; return a list, "
+                "such as [total] for one result per batch"
+            )
+        batch_id = derived_item_id("|".join(sorted(item_ids)), "batch", 0)
+        self._place_results(batch_id, list(value), staged, envelopes[0][1])
+
+    def _place_results(
+        self,
+        parent_id: str,
+        results: list[Any],
+        staged: _Batch,
+        parent: dict[str, Any] | None,
+    ) -> None:
+        """Encode `results` for the edges that the route and filters choose."""
+        serializer = self.recipe.serializer
+        for index, result in enumerate(results):
+            if parent is None:
+                item_id = parent_id
+            else:
+                item_id = derived_item_id(parent_id, self.spec.name, index)
+            body = encode({"id": item_id, "attempt": 1, "payload": result}, serializer)
+            for output in self._choose_outputs(result):
+                staged.outgoing.append((output.queue, body))
+        staged.results += len(results)
+
+    def _choose_outputs(self, result: Any) -> list[Output]:
+        outputs = self.recipe.outputs
+        if self.spec.route is not None:
+            chosen = self.spec.route(result)
+            if chosen is None:
+                return []
+            names = {chosen} if isinstance(chosen, str) else set(chosen)
+            known = {output.target for output in outputs}
+            unknown = sorted(names - known)
+            if unknown:
+                raise EngineError(
+                    f"route of node {self.spec.name!r} returned {unknown[0]!r}, "
+                    "which is not a downstream node; expected one of "
+                    + ", ".join(repr(name) for name in sorted(known))
+                )
+            outputs = tuple(output for output in outputs if output.target in names)
+        return [
+            output for output in outputs if output.when is None or output.when(result)
+        ]
+
+
+class _Batch:
+    """The output of one batch, published together before the ack."""
+
+    __slots__ = ("outgoing", "retries", "results", "failures")
+
+    def __init__(self) -> None:
+        # (queue, body) pairs: results on their edges plus failure records.
+        self.outgoing: list[tuple[str, bytes]] = []
+        # Retry messages by their delay in seconds.
+        self.retries: dict[float, list[tuple[str, bytes]]] = {}
+        self.results = 0
+        self.failures = 0
+
+    def merge(self, other: _Batch) -> None:
+        self.outgoing.extend(other.outgoing)
+        for delay_s, messages in other.retries.items():
+            self.retries.setdefault(delay_s, []).extend(messages)
+        self.results += other.results
+        self.failures += other.failures
+
+
+def _is_generator(value: Any) -> bool:
+    return hasattr(value, "__next__") and hasattr(value, "send")

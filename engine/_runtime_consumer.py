@@ -1,0 +1,121 @@
+"""The loop of a transform or sink node: pull batches until the task completes.
+
+The loop waits for a batch to fill, reads the complete flag that the
+worker sets, and completes once upstream completed and its input queues
+are drained.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.streams import Delivery
+
+# The time an idle transform spends on one pull and the wait after it, so that
+# it does not spin on empty pulls.
+IDLE_PULL_TIMEOUT_S = 0.2
+# How often an idle node reads its complete flag while it waits between pulls.
+FLAG_CHECK_INTERVAL_S = 0.02
+# How long the first pull after a batch waits before the complete flag is read,
+# because an upstream node usually completes right after its last batch. Then
+# the pull goes on waiting for its batch to fill, up to batch_timeout_s in all.
+FLAG_AFTER_BATCH_S = 0.02
+# The first wait of a completing node whose inputs are not drained yet, such as
+# items that a sibling process holds. Each wait doubles, up to IDLE_PULL_TIMEOUT_S.
+DRAIN_CHECK_MIN_S = 0.01
+
+
+class ConsumerMixin:
+    """The pull loop of `NodeRunner` for transforms and sinks.
+
+    Its methods use the state that `NodeRunner.__init__` sets.
+    """
+
+    def _run_consumer(self) -> tuple:
+        settings = self.spec.settings
+        queues = list(self.recipe.input_queues)
+        drain_wait_s = DRAIN_CHECK_MIN_S
+        first_wait_s = FLAG_AFTER_BATCH_S
+        while True:
+            if self._should_stop():
+                return ("stopped", self.stats())
+            is_completing = self.complete.is_set()
+            if is_completing:
+                # Upstream has completed, so only retries and redeliveries can
+                # still arrive: waiting for the batch to fill gains nothing.
+                deliveries = self.stream.pull(queues, settings.batch_size, 0.0)
+            else:
+                deliveries = self._pull_until_complete(queues, first_wait_s)
+            if deliveries:
+                started_ns = time.perf_counter_ns()
+                self._process_batch(deliveries)
+                self._record_batch_duration(time.perf_counter_ns() - started_ns)
+                reason = self._memory_over_limit()
+                if reason:
+                    return ("recycle", reason)
+                drain_wait_s = DRAIN_CHECK_MIN_S
+                first_wait_s = FLAG_AFTER_BATCH_S
+                continue
+            # The flag is read before the pull: an empty pull after it was set,
+            # and input queues that count 0, mean every upstream item was seen.
+            if is_completing and self._inputs_drained(queues):
+                return ("completed", self.stats())
+            if is_completing:
+                time.sleep(drain_wait_s)
+                drain_wait_s = min(2 * drain_wait_s, IDLE_PULL_TIMEOUT_S)
+                continue
+            # Idle: the next pull waits in one piece, because each piece starts
+            # polling the stream at short intervals again.
+            first_wait_s = settings.batch_timeout_s
+            if settings.batch_timeout_s < IDLE_PULL_TIMEOUT_S:
+                # An idle node waits here instead of spinning on empty pulls.
+                self._wait_for_complete(IDLE_PULL_TIMEOUT_S - settings.batch_timeout_s)
+
+    def _inputs_drained(self, queues: list[str]) -> bool:
+        return all(depth == 0 for depth in self.stream.depths(queues).values())
+
+    def _pull_until_complete(
+        self, queues: list[str], first_wait_s: float
+    ) -> list[Delivery]:
+        """Pull a batch, waiting up to batch_timeout_s for it to fill.
+
+        After `first_wait_s` seconds of the wait the complete flag is read:
+        once it is set, or a stop is requested, the pull returns what it has.
+        """
+        settings = self.spec.settings
+        started = time.monotonic()
+        first_wait_s = min(first_wait_s, settings.batch_timeout_s)
+        deliveries = self.stream.pull(queues, settings.batch_size, first_wait_s)
+        if len(deliveries) >= settings.batch_size:
+            return deliveries
+        if self.complete.is_set() or self.is_stop_requested:
+            return deliveries
+        remaining_s = settings.batch_timeout_s - (time.monotonic() - started)
+        if remaining_s <= 0:
+            return deliveries
+        count = settings.batch_size - len(deliveries)
+        return deliveries + self.stream.pull(queues, count, remaining_s)
+
+    def _wait_for_complete(self, timeout_s: float) -> None:
+        """Sleep up to `timeout_s`, but wake once the complete flag is set or a
+        stop is requested."""
+        deadline = time.monotonic() + timeout_s
+        while not (self.complete.is_set() or self.is_stop_requested):
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return
+            time.sleep(min(FLAG_CHECK_INTERVAL_S, remaining_s))
+
+    def _should_stop(self) -> bool:
+        return self.is_stop_requested
+
+    def _memory_over_limit(self) -> str | None:
+        limit = self.spec.settings.max_memory_bytes
+        if limit is None:
+            return None
+        rss = self.process.memory_info().rss
+        if rss <= limit:
+            return None
+        return f"resident memory {rss} bytes is over max_memory_bytes={limit}"
