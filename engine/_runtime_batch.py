@@ -17,7 +17,8 @@ from engine.recipe import Output
 if TYPE_CHECKING:
     from engine.streams import Delivery
 
-logger = logging.getLogger(__name__)
+# Every log line of the runtime names `engine.runtime`, whichever part writes it.
+logger = logging.getLogger("engine.runtime")
 
 
 class BatchMixin:

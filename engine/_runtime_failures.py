@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from engine._runtime_batch import _Batch
     from engine.streams import Delivery
 
-logger = logging.getLogger(__name__)
+# Every log line of the runtime names `engine.runtime`, whichever part writes it.
+logger = logging.getLogger("engine.runtime")
 
 
 class NodeProcessDiedError(EngineError):

@@ -15,7 +15,8 @@ from engine._runtime_batch import _Batch
 from engine.errors import EngineError
 from engine.items import source_item_id, source_position_key
 
-logger = logging.getLogger(__name__)
+# Every log line of the runtime names `engine.runtime`, whichever part writes it.
+logger = logging.getLogger("engine.runtime")
 
 
 class SourceMixin:

@@ -22,7 +22,8 @@ from engine.errors import EngineError, ProtocolError
 from engine.forkserver import start_forkserver
 from engine.streams import open_stream
 
-logger = logging.getLogger(__name__)
+# Every log line of the worker names `engine.worker`, whichever part writes it.
+logger = logging.getLogger("engine.worker")
 
 # How many reports the worker keeps for a master that is away.
 MAX_OUTBOX = 10_000

@@ -38,7 +38,8 @@ from engine.runtime import (
 )
 from engine.streams import open_stream
 
-logger = logging.getLogger(__name__)
+# Every log line of the worker names `engine.worker`, whichever part writes it.
+logger = logging.getLogger("engine.worker")
 
 # Restart backoff: 0.1 s, 0.2 s, 0.4 s ... at most 10 s.
 RESTART_BACKOFF_S = 0.1
