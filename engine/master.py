@@ -28,9 +28,8 @@ import time
 from typing import Any
 
 from engine import protocol as mmop
-from engine.errors import EngineError, ProtocolError
-from engine.master_placement import PlacementMixin
-from engine.master_records import (
+from engine._master_placement import PlacementMixin
+from engine._master_records import (
     STAT_KEYS,
     NodeRecord,
     NodeState,
@@ -40,7 +39,8 @@ from engine.master_records import (
     WorkerState,
     apply_node_stats,
 )
-from engine.master_stats import StatsMixin
+from engine._master_stats import StatsMixin
+from engine.errors import EngineError, ProtocolError
 
 __all__ = [
     "STAT_KEYS",

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from engine.master_records import STAT_KEYS, NodeState
+from engine._master_records import STAT_KEYS, NodeState
 from engine.runtime import BATCH_DURATION_BUCKETS_S
 
 

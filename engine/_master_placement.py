@@ -15,8 +15,7 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from engine import protocol as mmop
-from engine.errors import EngineError
-from engine.master_records import (
+from engine._master_records import (
     NodeRecord,
     NodeState,
     TypeRecord,
@@ -24,12 +23,13 @@ from engine.master_records import (
     WorkerRecord,
     WorkerState,
 )
+from engine.errors import EngineError
 from engine.recipe import build_recipe
 
 if TYPE_CHECKING:
     from engine.pipeline import Pipeline
 
-# Placement logs under the master's name, which log filters select.
+# Every log line of the master names `engine.master`, whichever part writes it.
 logger = logging.getLogger("engine.master")
 
 
