@@ -68,6 +68,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
 
+# Events handled per step of the supervision loop, so that exits, timers and
+# heartbeats still run while a long series of START-NODE messages is handled.
+MAX_EVENTS_PER_STEP = 50
+
 
 class Worker(MasterConnectionMixin, NodeSupervisionMixin, HeartbeatMixin):
     """Supervise node processes for one master."""
@@ -100,6 +104,8 @@ class Worker(MasterConnectionMixin, NodeSupervisionMixin, HeartbeatMixin):
         self.crash_counts: dict[str, dict[str, int]] = {}
         self.connection: mmop.Connection | None = None
         self.inbox: queue.Queue[Any] = queue.Queue()
+        # Events taken from the inbox and not handled yet, stop requests first.
+        self.pending_events: deque[tuple] = deque()
         self.outbox: deque[mmop.Message] = deque(maxlen=MAX_OUTBOX)
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
@@ -153,22 +159,38 @@ class Worker(MasterConnectionMixin, NodeSupervisionMixin, HeartbeatMixin):
                 timeout_s = 0.0
             if node.status is not None:
                 handles.append(node.status)
+        if self.pending_events:
+            timeout_s = 0.0
         wait_for_ready(handles, timeout=max(0.0, min(timeout_s, 0.5)))
         with contextlib.suppress(BlockingIOError, OSError):
             self.wake_reader.recv(4096)
 
-        while True:
-            try:
-                event = self.inbox.get_nowait()
-            except queue.Empty:
-                break
-            self._handle_event(event)
+        self._take_events()
+        for _ in range(min(len(self.pending_events), MAX_EVENTS_PER_STEP)):
+            self._handle_event(self.pending_events.popleft())
 
         for node in list(self.nodes.values()):
             self._read_status(node)
             if node.process is not None and node.process.exitcode is not None:
                 self._on_exit(node)
         self._run_timers(time.monotonic())
+
+    def _take_events(self) -> None:
+        """Move the inbox's events to `pending_events`, stop requests first."""
+        has_stop = False
+        while True:
+            try:
+                event = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            self.pending_events.append(event)
+            has_stop = has_stop or _is_stop_request(event)
+        if has_stop:
+            # SHUTDOWN or SIGTERM goes before the START-NODEs that came ahead
+            # of it, which then only record their nodes instead of forking.
+            stops = [e for e in self.pending_events if _is_stop_request(e)]
+            others = [e for e in self.pending_events if not _is_stop_request(e)]
+            self.pending_events = deque(stops + others)
 
     def _next_timer(self, now: float) -> float:
         times = [self._next_heartbeat]
@@ -246,3 +268,8 @@ class Worker(MasterConnectionMixin, NodeSupervisionMixin, HeartbeatMixin):
                     reason=f"a worker does not take {mmop.wire_name(message)}"
                 )
             )
+
+
+def _is_stop_request(event: tuple) -> bool:
+    kind, value = event
+    return kind == "sigterm" or (kind == "message" and isinstance(value, mmop.Shutdown))
