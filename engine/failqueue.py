@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from engine.api import DISCOVERY_FILE, is_process_alive
+from engine.discovery import DISCOVERY_FILE, is_process_alive
 from engine.errors import EngineError
 from engine.streams import Delivery, Stream, open_stream
 

@@ -1,0 +1,102 @@
+"""The discovery files of a running control API, and its default port.
+
+A master writes `.monomyth/control.json` and `.monomyth/control.token` into
+the folder it runs in, so that the `engine` control commands started there
+find its control API and token without options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_API_PORT = 7601
+
+CONTROL_FOLDER = Path(".monomyth")
+DISCOVERY_FILE = CONTROL_FOLDER / "control.json"
+TOKEN_FILE = CONTROL_FOLDER / "control.token"
+
+
+class DiscoveryFile:
+    """`.monomyth/control.json` and `.monomyth/control.token` of a running API.
+
+    The `engine` control commands read them to find the API and its token.
+    Both files are created with mode 0600, because the token is the cluster
+    secret. Without a token, only `control.json` is written. `remove` deletes
+    the files only while they still name this process, so a later run in the
+    same folder keeps its own files.
+    """
+
+    def __init__(
+        self,
+        api_url: str,
+        token: bytes | None,
+        pipelines: list[str],
+        folder: Path,
+        stream_url: str = "",
+    ) -> None:
+        self.api_url = api_url
+        self.token = token
+        self.pipelines = pipelines
+        # The master's data stream, for `engine fail-queue`. The file is
+        # private to its user, like the token, because the URL may hold a
+        # password.
+        self.stream_url = stream_url
+        self.path = folder / DISCOVERY_FILE.name
+        self.token_path = folder / TOKEN_FILE.name
+
+    def write(self) -> None:
+        """Write both files, replacing those of an earlier process."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        content = {
+            "api": self.api_url,
+            "pid": os.getpid(),
+            "pipelines": self.pipelines,
+            "stream": self.stream_url,
+        }
+        if self.token is not None:
+            _write_private(self.token_path, self.token + b"\n")
+        _write_private(self.path, json.dumps(content, indent=2).encode() + b"\n")
+        logger.debug("control API discovery file written to %s", self.path)
+
+    def remove(self) -> None:
+        """Delete both files if this process wrote them last."""
+        try:
+            content = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(content, dict) or content.get("pid") != os.getpid():
+            return
+        with contextlib.suppress(OSError):
+            if self.token and self.token_path.read_bytes().strip() == self.token:
+                self.token_path.unlink()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def is_process_alive(pid: object) -> bool:
+    """Return True when `pid`, as read from a discovery file, names a process."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # The process exists but belongs to another user.
+        return True
+    return True
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    # Write a temporary file and rename it, so a reader never sees half a file.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+    os.replace(temporary, path)
