@@ -18,109 +18,55 @@ or `connect`:
 
 Queue names derive from the graph: `<pipeline>.<from>-to-<to>` for an edge and
 `<pipeline>.<node>-fail` for a node's failed items.
+
+`Pipeline` is assembled from a mixin and helpers in private modules, one
+concept each: `_pipeline_nodes` (node settings, specs, edges and the checks
+of a declared node) and `_pipeline_graph` (the graph's names, queues,
+checks and order).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
+from engine._pipeline_graph import GraphMixin
+from engine._pipeline_nodes import (
+    NODE_NAME,
+    Edge,
+    NodeKind,
+    NodeSettings,
+    NodeSpec,
+    _bound_hook,
+    _function_name,
+    _normalize_after,
+    _takes_context,
+)
 from engine.errors import ParameterError, PipelineError
-from engine.items import source_position_key
+
+__all__ = [
+    "NODE_NAME",
+    "PIPELINE_NAME",
+    "Edge",
+    "NodeKind",
+    "NodeSettings",
+    "NodeSpec",
+    "Pipeline",
+    "Serializer",
+]
 
 logger = logging.getLogger(__name__)
 
-NodeKind = Literal["source", "transform", "sink"]
 Serializer = Literal["json", "pickle"]
 
-NODE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PIPELINE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
-@dataclass(frozen=True, slots=True)
-class NodeSettings:
-    """The settings of a node: batching, processes, retries and supervision."""
-
-    batch_size: int = 100
-    # Seconds to wait for a batch to fill before processing what has arrived.
-    batch_timeout_s: float = 0.1
-    processes: int = 1
-    # Extra attempts for an item whose processing raised or killed the node
-    # process, before the item goes to the fail queue.
-    retries: int = 2
-    # Delay before the first retry, doubled for each further one.
-    retry_backoff_s: float = 0.5
-    # Supervision: more than `max_restarts` restarts within
-    # `restart_window_s` seconds and the worker gives up on the process.
-    max_restarts: int = 5
-    restart_window_s: float = 60.0
-    max_memory_bytes: int | None = None
-
-    def check(self, node: str) -> None:
-        """Raise `PipelineError` naming `node` for the first invalid setting."""
-        _require(self.batch_size, int, 1, node, "batch_size")
-        _require(self.batch_timeout_s, (int, float), 0, node, "batch_timeout_s")
-        _require(self.processes, int, 1, node, "processes")
-        _require(self.retries, int, 0, node, "retries")
-        _require(self.retry_backoff_s, (int, float), 0, node, "retry_backoff_s")
-        _require(self.max_restarts, int, 0, node, "max_restarts")
-        _require(self.restart_window_s, (int, float), 0, node, "restart_window_s")
-        if self.max_memory_bytes is not None:
-            _require(self.max_memory_bytes, int, 1, node, "max_memory_bytes")
-
-    def to_json(self) -> dict[str, Any]:
-        """Return the settings as a JSON object."""
-        return {name: getattr(self, name) for name in self.__slots__}
-
-
-def _require(
-    value: object, kind: type | tuple[type, ...], minimum: float, node: str, name: str
-) -> None:
-    is_number = isinstance(value, kind) and not isinstance(value, bool)
-    if is_number and math.isfinite(value) and value >= minimum:  # type: ignore[arg-type]
-        return
-    noun = "an integer" if kind is int else "a number"
-    raise PipelineError(
-        f"invalid {name}={value!r} for node {node!r}: {name} must be {noun} "
-        f"{minimum} or more"
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Edge:
-    """A connection from one node's results to another node's input queue."""
-
-    source: str
-    target: str
-    # Optional filter: the result goes along this edge only if `when(result)`.
-    when: Callable[[Any], bool] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class NodeSpec:
-    """A declared node: its function, hooks and settings."""
-
-    name: str
-    kind: NodeKind
-    function: Callable[..., Any]
-    settings: NodeSettings
-    setup: Callable[..., Any] | None = None
-    teardown: Callable[..., Any] | None = None
-    # Chooses the downstream node names for each result; None sends to all.
-    route: Callable[[Any], str | Iterable[str] | None] | None = None
-    # True when `function` takes the whole batch as a list.
-    is_batched: bool = False
-    # True when `function` takes the NodeContext as its last argument.
-    takes_context: bool = True
-
-
-class Pipeline:
+class Pipeline(GraphMixin):
     """A named graph of source, transform and sink nodes."""
 
     def __init__(
@@ -355,148 +301,6 @@ class Pipeline:
         self.completion_hooks.append(function)
         return function
 
-    # The graph.
-
-    def upstream(self, node: str) -> list[str]:
-        """Return the names of the nodes whose results go to `node`."""
-        return [edge.source for edge in self.edges if edge.target == node]
-
-    def downstream(self, node: str) -> list[str]:
-        """Return the names of the nodes that receive the results of `node`."""
-        return [edge.target for edge in self.edges if edge.source == node]
-
-    def node_type(self, node: str) -> str:
-        """Return the cluster-wide type name of `node`: `<pipeline>.<node>`."""
-        return f"{self.name}.{node}"
-
-    def edge_queue(self, source: str, target: str) -> str:
-        """Return the queue that carries the results of `source` to `target`."""
-        return f"{self.name}.{source}-to-{target}"
-
-    def fail_queue(self, node: str) -> str:
-        """Return the queue that contains the items that failed in `node`."""
-        return f"{self.name}.{node}-fail"
-
-    def position_keys(self) -> list[str]:
-        """Return the stream keys of the sources' positions, one per process."""
-        return [
-            source_position_key(self.node_type(name), index)
-            for name, spec in self.nodes.items()
-            if spec.kind == "source"
-            for index in range(spec.settings.processes)
-        ]
-
-    def input_queues(self, node: str) -> list[str]:
-        """Return the queues that `node` pulls from, one per incoming edge."""
-        return [self.edge_queue(source, node) for source in self.upstream(node)]
-
-    def data_queues(self) -> list[str]:
-        """Return every edge queue of the pipeline, in declaration order."""
-        return [self.edge_queue(edge.source, edge.target) for edge in self.edges]
-
-    def all_queues(self) -> list[str]:
-        """Return every queue of the pipeline: edge queues, then fail queues."""
-        return self.data_queues() + [self.fail_queue(name) for name in self.nodes]
-
-    def check(self) -> None:
-        """Raise `PipelineError` if the graph cannot run as declared.
-
-        Checks that edges name known nodes, that sources have no inputs and
-        sinks no outputs, that every other node is connected both ways, and
-        that the graph has no cycle.
-        """
-        if not self.nodes:
-            raise PipelineError(
-                f"pipeline {self.name!r} has no nodes; declare at least a source "
-                "and a sink"
-            )
-        known = ", ".join(repr(name) for name in self.nodes)
-        for edge in self.edges:
-            for end in (edge.source, edge.target):
-                if end not in self.nodes:
-                    raise PipelineError(
-                        f"edge {edge.source!r} -> {edge.target!r}: node {end!r} not "
-                        f"found; known nodes are {known}"
-                    )
-        if not any(spec.kind == "source" for spec in self.nodes.values()):
-            raise PipelineError(
-                f"pipeline {self.name!r} has no source node; declare one with "
-                "@pipeline.source()"
-            )
-        for spec in self.nodes.values():
-            self._check_connections(spec)
-        cycle = self._find_cycle()
-        if cycle:
-            path = " -> ".join(repr(name) for name in cycle)
-            raise PipelineError(
-                f"cycle {path} in pipeline {self.name!r}; a pipeline must be "
-                f"acyclic, so remove one of these edges"
-            )
-
-    def _check_connections(self, spec: NodeSpec) -> None:
-        has_inputs = bool(self.upstream(spec.name))
-        has_outputs = bool(self.downstream(spec.name))
-        if spec.kind == "source" and has_inputs:
-            raise PipelineError(
-                f"edge into source node {spec.name!r} from "
-                f"{self.upstream(spec.name)[0]!r}: sources pull nothing; make "
-                f"{spec.name!r} a transform"
-            )
-        if spec.kind == "sink" and has_outputs:
-            raise PipelineError(
-                f"edge from sink node {spec.name!r} to "
-                f"{self.downstream(spec.name)[0]!r}: sinks place nothing "
-                f"downstream; make {spec.name!r} a transform"
-            )
-        if spec.kind != "source" and not has_inputs:
-            raise PipelineError(
-                f"{spec.kind} node {spec.name!r} has no input; give it "
-                "after='<upstream node>' or connect a node to it"
-            )
-        if spec.kind != "sink" and not has_outputs:
-            raise PipelineError(
-                f"{spec.kind} node {spec.name!r} sends its results nowhere; "
-                "connect it to a downstream node, or make it a sink"
-            )
-
-    def _find_cycle(self) -> list[str] | None:
-        state: dict[str, int] = {}  # 1 while on the current path, 2 once done
-        path: list[str] = []
-
-        def visit(node: str) -> list[str] | None:
-            state[node] = 1
-            path.append(node)
-            for target in self.downstream(node):
-                if state.get(target) == 1:
-                    return path[path.index(target) :] + [target]
-                if target not in state:
-                    found = visit(target)
-                    if found:
-                        return found
-            path.pop()
-            state[node] = 2
-            return None
-
-        for name in self.nodes:
-            if name not in state:
-                found = visit(name)
-                if found:
-                    return found
-        return None
-
-    def topological_order(self) -> list[str]:
-        """Return the node names so that each comes after its upstream nodes."""
-        order: list[str] = []
-        remaining = dict.fromkeys(self.nodes)
-        while remaining:
-            ready = [n for n in remaining if all(u in order for u in self.upstream(n))]
-            if not ready:
-                raise PipelineError(f"cycle in pipeline {self.name!r}")
-            for name in ready:
-                order.append(name)
-                del remaining[name]
-        return order
-
     # Run parameters.
 
     def resolve_params(self, overrides: Mapping[str, str]) -> dict[str, Any]:
@@ -562,77 +366,3 @@ def _convert(key: str, text: str, default: Any) -> Any:
             + (", and finite" if isinstance(default, float) else "")
         ) from None
     return text
-
-
-def _function_name(function: Callable) -> str:
-    name = getattr(function, "__name__", None) or type(function).__name__
-    if name == "<lambda>":
-        raise PipelineError(
-            "a lambda needs a node name: pipeline.transform('name', after=...)"
-            "(lambda item: ...) or pipeline.add('transform', 'name', fn)"
-        )
-    return name
-
-
-def _bound_hook(function: Any, hook: str) -> Callable | None:
-    if inspect.isroutine(function):
-        return None
-    return getattr(function, hook, None)
-
-
-def _normalize_after(
-    name: str, after: str | Iterable[str] | Mapping[str, Callable | None] | None
-) -> list[tuple[str, Callable | None]]:
-    if after is None:
-        return []
-    if isinstance(after, str):
-        return [(after, None)]
-    if isinstance(after, Mapping):
-        return list(after.items())
-    if isinstance(after, Iterable):
-        names = list(after)
-        if all(isinstance(item, str) for item in names):
-            return [(item, None) for item in names]
-    raise PipelineError(
-        f"node {name!r}: after= must be a node name, a list of names or a dict "
-        f"of name to filter function, got {after!r}"
-    )
-
-
-def _takes_context(name: str, kind: NodeKind, function: Callable) -> bool:
-    """Decide whether `function` takes the NodeContext after its item argument."""
-    try:
-        signature = inspect.signature(function)
-    except (TypeError, ValueError):
-        return kind == "source"
-    positional = [
-        p
-        for p in signature.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    has_varargs = any(p.kind == p.VAR_POSITIONAL for p in signature.parameters.values())
-    if any(
-        p.kind == p.KEYWORD_ONLY and p.default is p.empty
-        for p in signature.parameters.values()
-    ):
-        raise _shape_error(name, kind, signature)
-    required = [p for p in positional if p.default is p.empty]
-    data_arguments = 0 if kind == "source" else 1
-    if has_varargs or len(positional) >= data_arguments + 1:
-        if len(required) > data_arguments + 1:
-            raise _shape_error(name, kind, signature)
-        return True
-    if len(positional) == data_arguments:
-        return False
-    raise _shape_error(name, kind, signature)
-
-
-def _shape_error(name: str, kind: NodeKind, signature: inspect.Signature) -> Exception:
-    expected = {
-        "source": "fn(ctx) or fn()",
-        "transform": "fn(item, ctx) or fn(item)",
-        "sink": "fn(item, ctx) or fn(item)",
-    }[kind]
-    return PipelineError(
-        f"{kind} node {name!r} has the signature {signature}; expected {expected}"
-    )
