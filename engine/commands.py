@@ -6,371 +6,45 @@ aligned text otherwise, or the JSON itself with `--json`. The API is found
 through `--api`, `$MONOMYTH_API`, or the discovery file `.monomyth/control.json`
 that the master writes into the folder it runs in. `docs/api.md` describes
 the endpoints behind the commands.
+
+The commands are built from private modules: `_commands_client` (the
+`ControlClient`, and the options that find the API) and `_commands_tables`
+(text tables and JSON output).
 """
 
 from __future__ import annotations
 
-import functools
-import http.client
-import json
-import os
-import socket
-import sys
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import click
 
-from engine.api import (
-    DEFAULT_API_PORT,
-    DISCOVERY_FILE,
-    MAX_COUNT,
-    TOKEN_FILE,
-    is_process_alive,
+from engine._commands_client import (
+    API_VARIABLE,
+    DEFAULT_API_URL,
+    SECRET_VARIABLE,
+    ControlClient,
+    _client_command,
+    make_client,
 )
-from engine.errors import EngineError
+from engine._commands_tables import (
+    TextTable,
+    _error_summary,
+    _print_json,
+    _print_tables,
+    _types_table,
+    _workers_table,
+)
+from engine.api import MAX_COUNT
 
-API_VARIABLE = "MONOMYTH_API"
-SECRET_VARIABLE = "MONOMYTH_SECRET"
-DEFAULT_API_URL = f"http://127.0.0.1:{DEFAULT_API_PORT}"
-
-
-class ControlClient:
-    """Send JSON requests to a control API and return the decoded replies.
-
-    `token` goes with POST requests only, as `Authorization: Bearer`.
-    `timeout_s` bounds connecting and each read. Every failure raises
-    `EngineError` with a message for the operator.
-    """
-
-    def __init__(
-        self, url: str, token: bytes | None, timeout_s: float, note: str = ""
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.token = token
-        self.timeout_s = timeout_s
-        # Appended to the not-reachable message, such as a stale discovery file.
-        self.note = note
-        # No proxy: the API is reached directly, and the token must not pass
-        # through a proxy named by $http_proxy.
-        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def get(self, path: str) -> dict[str, Any]:
-        """Send GET `path` and return the JSON reply."""
-        return self.request("GET", path)[1]
-
-    def post(self, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict]:
-        """Send POST `path` with a JSON body, and return the status and reply."""
-        return self.request("POST", path, body or {})
-
-    def request(
-        self, method: str, path: str, body: dict[str, Any] | None = None
-    ) -> tuple[int, dict[str, Any]]:
-        """Send one request and return the status and JSON object of the reply."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        request.add_header("Accept", "application/json")
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        if method == "POST" and self.token:
-            request.add_header("Authorization", "Bearer " + self.token.decode())
-        try:
-            with self.opener.open(request, timeout=self.timeout_s) as response:
-                return response.status, self._decode(response.read())
-        except urllib.error.HTTPError as exc:
-            raise EngineError(self._describe_http_error(exc)) from exc
-        except urllib.error.URLError as exc:
-            raise EngineError(self._unreachable(exc.reason)) from exc
-        except (OSError, http.client.HTTPException) as exc:
-            raise EngineError(self._unreachable(exc)) from exc
-
-    def _decode(self, payload: bytes) -> dict[str, Any]:
-        try:
-            value = json.loads(payload)
-        except ValueError as exc:
-            raise EngineError(
-                f"control API at {self.url} sent a reply that is not JSON ({exc}); "
-                "check that --api names a Monomyth master"
-            ) from exc
-        if not isinstance(value, dict):
-            raise EngineError(
-                f"control API at {self.url} sent a JSON {type(value).__name__} "
-                "instead of an object; check that --api names a Monomyth master"
-            )
-        return value
-
-    def _describe_http_error(self, error: urllib.error.HTTPError) -> str:
-        try:
-            text = self._decode(error.read()).get("error") or error.reason
-        except EngineError:
-            text = error.reason
-        return f"{text} (HTTP {error.code})"
-
-    def _unreachable(self, reason: object) -> str:
-        if isinstance(reason, ConnectionRefusedError):
-            detail = "connection refused"
-        elif isinstance(reason, TimeoutError):
-            detail = f"no reply within {self.timeout_s} s"
-        elif isinstance(reason, socket.gaierror):
-            detail = f"host name not resolved: {reason.strerror}"
-        elif isinstance(reason, OSError) and reason.strerror:
-            detail = reason.strerror.lower()
-        else:
-            detail = str(reason) or type(reason).__name__
-        return (
-            f"control API at {self.url} is not reachable ({detail}); start engine "
-            f"master or engine run, or pass --api URL{self.note}"
-        )
-
-
-def _read_discovery() -> dict[str, Any] | None:
-    try:
-        content = json.loads(DISCOVERY_FILE.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise EngineError(
-            f"cannot read the discovery file {str(DISCOVERY_FILE)!r} ({exc}); "
-            "delete it, or pass --api URL"
-        ) from exc
-    if not isinstance(content, dict) or not isinstance(content.get("api"), str):
-        raise EngineError(
-            f"invalid discovery file {str(DISCOVERY_FILE)!r}: expected a JSON "
-            'object with an "api" URL; delete it, or pass --api URL'
-        )
-    return content
-
-
-def _check_url(url: str, source: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise click.BadParameter(
-            f"invalid control API URL {url!r} from {source}: expected "
-            "http://HOST:PORT, for example http://127.0.0.1:7601",
-            param_hint="--api",
-        )
-    return url
-
-
-def _read_token(path: Path) -> bytes:
-    token = path.read_text().strip()
-    if not token:
-        raise click.BadParameter(
-            f"token file {str(path)!r} is empty; write the cluster secret into it",
-            param_hint="--token-file",
-        )
-    return token.encode()
-
-
-def make_client(
-    api_url: str | None, token_file: Path | None, timeout_s: float
-) -> ControlClient:
-    """Build a client from the common options, the environment and the discovery file.
-
-    The URL is `api_url` (the --api option or $MONOMYTH_API), else the one
-    in `.monomyth/control.json`, else http://127.0.0.1:7601. The token is
-    read from `token_file`, else from `.monomyth/control.token` when the URL
-    is the one in the discovery file, else from $MONOMYTH_SECRET. The local
-    token file is never sent to another URL.
-    """
-    discovery = _read_discovery()
-    note = ""
-    if api_url:
-        url = _check_url(api_url, f"--api or ${API_VARIABLE}")
-    elif discovery is not None:
-        url = _check_url(discovery["api"], str(DISCOVERY_FILE))
-        if not is_process_alive(discovery.get("pid")):
-            note = (
-                f"; {DISCOVERY_FILE} names it, but process {discovery.get('pid')} "
-                "that wrote the file is gone, so delete the file"
-            )
-    else:
-        url = DEFAULT_API_URL
-
-    if token_file is not None:
-        token: bytes | None = _read_token(token_file)
-    elif discovery is not None and discovery["api"] == url and TOKEN_FILE.exists():
-        token = _read_token(TOKEN_FILE)
-    else:
-        token = os.environ.get(SECRET_VARIABLE, "").strip().encode() or None
-    return ControlClient(url, token, timeout_s, note)
-
-
-def _client_command(function: Callable[..., None]) -> Callable[..., None]:
-    """Add the common options, and pass a `client` in their place."""
-
-    @functools.wraps(function)
-    def wrapper(
-        api_url: str | None, token_file: Path | None, timeout_s: float, **kwargs: Any
-    ) -> None:
-        function(client=make_client(api_url, token_file, timeout_s), **kwargs)
-
-    options = [
-        click.option(
-            "--api",
-            "api_url",
-            envvar=API_VARIABLE,
-            metavar="URL",
-            help=f"Base URL of the master's control API; default: ${API_VARIABLE}, "
-            f"else the URL in {DISCOVERY_FILE} of the current folder, else "
-            f"{DEFAULT_API_URL}.",
-        ),
-        click.option(
-            "--token-file",
-            type=click.Path(exists=True, dir_okay=False, path_type=Path),
-            help=f"File holding the API token, the cluster secret; default: "
-            f"{TOKEN_FILE} when the URL is the one in {DISCOVERY_FILE}, else "
-            f"${SECRET_VARIABLE}. Only POST requests send it.",
-        ),
-        click.option(
-            "--timeout",
-            "timeout_s",
-            type=click.FloatRange(min=0.1),
-            default=10.0,
-            show_default=True,
-            help="Seconds to wait for the control API to connect and to reply.",
-        ),
-        click.option(
-            "--json",
-            "as_json",
-            is_flag=True,
-            help="Print the API's JSON reply instead of text.",
-        ),
-    ]
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
-
-
-# Output.
-
-
-@dataclass(frozen=True, slots=True)
-class TextTable:
-    """A titled table of text cells, whose numeric columns are right-aligned."""
-
-    title: str
-    headers: Sequence[str]
-    rows: Sequence[Sequence[object]]
-
-
-def _print_json(value: dict[str, Any]) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=True))
-
-
-def _print_tables(tables: list[TextTable]) -> None:
-    """Print tables with rich on a terminal, and as aligned text otherwise."""
-    if sys.stdout.isatty():
-        _print_rich_tables(tables)
-        return
-    for number, table in enumerate(tables):
-        if number:
-            click.echo()
-        for line in _plain_table_lines(table):
-            click.echo(line)
-
-
-def _print_rich_tables(tables: list[TextTable]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    for table in tables:
-        grid = Table(title=table.title, title_justify="left")
-        numeric = _numeric_columns(table)
-        for index, header in enumerate(table.headers):
-            # The first column contains ids, which must stay whole to be copied.
-            grid.add_column(
-                header,
-                justify="right" if index in numeric else "left",
-                no_wrap=index == 0,
-            )
-        for row in table.rows:
-            grid.add_row(*(str(cell) for cell in row))
-        console.print(grid)
-
-
-def _plain_table_lines(table: TextTable) -> list[str]:
-    if not table.rows:
-        return [table.title, "  (none)"]
-    cells = [list(table.headers)] + [[str(c) for c in row] for row in table.rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(table.headers))]
-    numeric = _numeric_columns(table)
-    lines = [table.title]
-    for row in cells:
-        padded = [
-            cell.rjust(width) if index in numeric else cell.ljust(width)
-            for index, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  " + "  ".join(padded).rstrip())
-    return lines
-
-
-def _numeric_columns(table: TextTable) -> set[int]:
-    return {
-        index
-        for index in range(len(table.headers))
-        if table.rows and all(isinstance(row[index], int | float) for row in table.rows)
-    }
-
-
-def _mebibytes(value: int) -> str:
-    return f"{value / 2**20:.1f} MiB"
-
-
-def _error_summary(text: str, limit: int = 60) -> str:
-    # The last line of a traceback names the exception and its message.
-    line = text.strip().splitlines()[-1] if text.strip() else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _workers_table(workers: dict[str, dict[str, Any]]) -> TextTable:
-    rows = []
-    for worker_id, worker in sorted(workers.items()):
-        nodes = ", ".join(
-            f"{node_type} x{len(ids)}"
-            for node_type, ids in sorted(worker["nodes"].items())
-        )
-        rows.append(
-            [
-                worker_id,
-                worker["hostname"],
-                worker["state"],
-                worker["cores"],
-                round(worker["cpu_percent"], 1),
-                _mebibytes(worker["process_memory_bytes"]),
-                f"{worker['last_seen_s_ago']:.1f} s",
-                nodes or "-",
-            ]
-        )
-    headers = ["WORKER", "HOST", "STATE", "CORES", "CPU %", "MEMORY", "LAST SEEN"]
-    return TextTable("Workers", [*headers, "NODES"], rows)
-
-
-def _types_table(types: dict[str, dict[str, Any]]) -> TextTable:
-    rows = [
-        [
-            node_type,
-            entry["state"],
-            entry["running"],
-            entry["processes"],
-            entry["items_in"],
-            entry["items_out"],
-            entry["failures"],
-            entry["restarts"],
-        ]
-        for node_type, entry in sorted(types.items())
-    ]
-    headers = ["NODE TYPE", "STATE", "RUNNING", "PROCESSES", "IN", "OUT"]
-    return TextTable("Node types", [*headers, "FAILURES", "RESTARTS"], rows)
-
-
-# Commands.
+__all__ = [
+    "API_VARIABLE",
+    "CONTROL_COMMANDS",
+    "DEFAULT_API_URL",
+    "SECRET_VARIABLE",
+    "ControlClient",
+    "TextTable",
+    "make_client",
+]
 
 
 @click.command()
