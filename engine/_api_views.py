@@ -7,7 +7,6 @@ master's state, and the checks of their request bodies. A handler returns a
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ if TYPE_CHECKING:
     from engine.streams import Stream
 
 # The public module's logger, so that one name covers every part of the API.
-logger = logging.getLogger("engine.api")
 
 MAX_COUNT = 1000
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import http.client
 import json
-import logging
 import os
 import socket
 import urllib.error
@@ -29,8 +28,6 @@ from engine.discovery import (
     is_process_alive,
 )
 from engine.errors import EngineError
-
-logger = logging.getLogger(__name__)
 
 API_VARIABLE = "MONOMYTH_API"
 SECRET_VARIABLE = "MONOMYTH_SECRET"

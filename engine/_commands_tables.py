@@ -6,15 +6,12 @@ Tables print with rich on a terminal and as aligned text otherwise.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import click
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

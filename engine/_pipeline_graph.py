@@ -6,7 +6,6 @@ Queue names derive from the graph: `<pipeline>.<from>-to-<to>` for an edge and
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 from engine.errors import PipelineError
@@ -14,8 +13,6 @@ from engine.items import source_position_key
 
 if TYPE_CHECKING:
     from engine._pipeline_nodes import NodeSpec
-
-logger = logging.getLogger(__name__)
 
 
 class GraphMixin:

@@ -8,7 +8,6 @@ declared node: its name, its `after=` and the signature of its function.
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -16,8 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from engine.errors import PipelineError
-
-logger = logging.getLogger(__name__)
 
 NodeKind = Literal["source", "transform", "sink"]
 
