@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+from engine._pipeline_nodes import MAX_PROCESSES
 from engine.errors import EngineError, StreamError
 from engine.master import WorkerState
 from engine.streams import open_stream, redact_url
@@ -21,9 +22,8 @@ if TYPE_CHECKING:
     from engine.master import Master
     from engine.streams import Stream
 
-# The public module's logger, so that one name covers every part of the API.
-
-MAX_COUNT = 1000
+# The most processes that one start-node or scale request may ask for.
+MAX_COUNT = MAX_PROCESSES
 
 
 class RequestError(Exception):

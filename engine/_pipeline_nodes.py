@@ -18,6 +18,10 @@ from engine.errors import PipelineError
 
 NodeKind = Literal["source", "transform", "sink"]
 
+# The most processes of one node type that a pipeline, a start-node request or
+# a scale request may ask for. Each is a process that a worker forks.
+MAX_PROCESSES = 1000
+
 NODE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -45,6 +49,12 @@ class NodeSettings:
         _require(self.batch_size, int, 1, node, "batch_size")
         _require(self.batch_timeout_s, (int, float), 0, node, "batch_timeout_s")
         _require(self.processes, int, 1, node, "processes")
+        if self.processes > MAX_PROCESSES:
+            raise PipelineError(
+                f"invalid processes={self.processes!r} for node {node!r}: "
+                f"processes must be from 1 to {MAX_PROCESSES}, because a worker "
+                "forks a process for each"
+            )
         _require(self.retries, int, 0, node, "retries")
         _require(self.retry_backoff_s, (int, float), 0, node, "retry_backoff_s")
         _require(self.max_restarts, int, 0, node, "max_restarts")

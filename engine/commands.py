@@ -34,7 +34,7 @@ from engine._commands_tables import (
     _types_table,
     _workers_table,
 )
-from engine.api import MAX_COUNT
+from engine._pipeline_nodes import MAX_PROCESSES
 
 __all__ = [
     "API_VARIABLE",
@@ -123,7 +123,7 @@ def worker_info(client: ControlClient, as_json: bool) -> None:
 @click.argument("node_type", metavar="TYPE")
 @click.option(
     "--count",
-    type=click.IntRange(1, MAX_COUNT),
+    type=click.IntRange(1, MAX_PROCESSES),
     default=1,
     show_default=True,
     help="Number of node processes to start.",
@@ -151,7 +151,7 @@ def start_node(
 @click.argument("node_type", metavar="TYPE")
 @click.option(
     "--count",
-    type=click.IntRange(1, MAX_COUNT),
+    type=click.IntRange(1, MAX_PROCESSES),
     default=1,
     show_default=True,
     help="Number of node processes to stop, newest first.",
@@ -173,7 +173,7 @@ def stop_node(client: ControlClient, as_json: bool, node_type: str, count: int) 
 
 @click.command()
 @click.argument("node_type", metavar="TYPE")
-@click.argument("count", metavar="N", type=click.IntRange(0, MAX_COUNT))
+@click.argument("count", metavar="N", type=click.IntRange(0, MAX_PROCESSES))
 @_client_command
 def scale(client: ControlClient, as_json: bool, node_type: str, count: int) -> None:
     """Start or stop processes of node type TYPE until N of them run.

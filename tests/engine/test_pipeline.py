@@ -238,6 +238,17 @@ def test_settings_reject_value_out_of_bounds(
     assert f"{field} must be {noun} {bound}" in message
 
 
+def test_settings_reject_too_many_processes(pipeline: Pipeline) -> None:
+    pipeline.add("transform", "most", passthrough, after="read", processes=1000)
+
+    with pytest.raises(PipelineError) as excinfo:
+        pipeline.add("transform", "count", passthrough, after="read", processes=10000)
+
+    message = str(excinfo.value)
+    assert "invalid processes=10000 for node 'count'" in message
+    assert "processes must be from 1 to 1000" in message
+
+
 def test_settings_accept_values_at_bounds(pipeline: Pipeline) -> None:
     spec = pipeline.add(
         "transform",
