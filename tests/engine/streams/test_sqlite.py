@@ -486,3 +486,20 @@ def test_publish_rejects_invalid_position(
         stream.publish([(QUEUE, b"a")], position=position)
 
     assert stream.depth(QUEUE) == 0
+
+
+def test_publish_and_settle_many_keep_order(open_sqlite: OpenSQLite) -> None:
+    # More messages than one INSERT statement takes, in a count that needs
+    # statements of several sizes.
+    stream = open_sqlite()
+    bodies = [str(number).encode() for number in range(700)]
+    stream.publish([(QUEUE, body) for body in bodies])
+
+    deliveries = stream.pull([QUEUE], 700, timeout_s=0)
+    results = [("results", body + b"!") for body in bodies[:301]]
+    assert stream.settle(deliveries, results, {60.0: [("results", b"later")]})
+
+    assert [delivery.body for delivery in deliveries] == bodies
+    pulled = stream.pull(["results"], 400, timeout_s=0)
+    assert [delivery.body for delivery in pulled] == [body for _, body in results]
+    assert stream.depths([QUEUE, "results"]) == {QUEUE: 0, "results": 302}
