@@ -26,6 +26,13 @@ class DecodingError(EngineError):
 
 SERIALIZERS = ("json", "pickle")
 
+# Made once: json.dumps with options builds a new encoder on each call, which
+# costs about a third of encoding a small envelope.
+_JSON_ENCODER = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+_JSON_DECODER = json.JSONDecoder()
+
 
 def _check_serializer(serializer: str) -> None:
     if serializer not in SERIALIZERS:
@@ -43,9 +50,7 @@ def encode(envelope: dict[str, Any], serializer: str) -> bytes:
         except Exception as exc:
             raise EncodingError(f"item cannot be pickled: {exc}") from exc
     try:
-        return json.dumps(
-            envelope, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode()
+        return _JSON_ENCODER.encode(envelope).encode()
     except (TypeError, ValueError) as exc:
         raise EncodingError(
             f"item is not JSON-serializable ({exc}); return dicts, lists, str, "
@@ -58,7 +63,7 @@ def decode(body: bytes, serializer: str) -> dict[str, Any]:
     """Decode a message body into an envelope; raises `DecodingError`."""
     _check_serializer(serializer)
     try:
-        envelope = pickle.loads(body) if serializer == "pickle" else json.loads(body)
+        envelope = pickle.loads(body) if serializer == "pickle" else _loads(body)
     except Exception as exc:
         raise DecodingError(f"message is not a valid {serializer} item: {exc}") from exc
     if not isinstance(envelope, dict) or "payload" not in envelope:
@@ -67,6 +72,20 @@ def decode(body: bytes, serializer: str) -> dict[str, Any]:
             "should publish to a pipeline's queues"
         )
     return envelope
+
+
+def _loads(body: bytes) -> Any:
+    """Decode JSON as `json.loads` does, faster for the UTF-8 that `encode` writes.
+
+    `json.loads` of bytes first guesses their encoding, which costs about a
+    third of decoding a small envelope.
+    """
+    try:
+        return _JSON_DECODER.decode(body.decode())
+    except ValueError:
+        # A byte order mark, UTF-16 or UTF-32, or invalid JSON: json.loads
+        # accepts the first three and raises the error for the last.
+        return json.loads(body)
 
 
 def source_item_id(node: str, position: int, process_index: int = 0) -> str:
