@@ -503,3 +503,69 @@ def test_publish_and_settle_many_keep_order(open_sqlite: OpenSQLite) -> None:
     pulled = stream.pull(["results"], 400, timeout_s=0)
     assert [delivery.body for delivery in pulled] == [body for _, body in results]
     assert stream.depths([QUEUE, "results"]) == {QUEUE: 0, "results": 302}
+
+
+def test_pull_orders_expired_leases_among_waiting_messages(
+    open_sqlite: OpenSQLite,
+) -> None:
+    first = open_sqlite(owner="first", lease_s=0.3)
+    second = open_sqlite(owner="second")
+    first.publish([(QUEUE, b"a")])
+    stale = first.pull([QUEUE], 1, 0)
+    assert [delivery.body for delivery in stale] == [b"a"]
+    second.publish([(QUEUE, b"b")])
+    time.sleep(0.5)
+    # The lease of a ended after b was published, so a comes after b.
+    second.publish([(QUEUE, b"c")])
+
+    deliveries = second.pull([QUEUE], 3, timeout_s=0)
+
+    assert [delivery.body for delivery in deliveries] == [b"b", b"a", b"c"]
+    assert [delivery.is_redelivered for delivery in deliveries] == [
+        False,
+        True,
+        False,
+    ]
+    assert not first.settle(stale, [(QUEUE, b"result")])
+    assert second.depth(QUEUE) == 3
+
+
+def test_stream_replaces_indexes_of_earlier_versions(db_path: str) -> None:
+    # A file as versions before the split of the pull index wrote it.
+    os.makedirs(os.path.dirname(db_path))
+    connection = sqlite3.connect(db_path, isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute(
+        "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "queue TEXT NOT NULL, body BLOB NOT NULL, visible_at REAL NOT NULL, "
+        "owner TEXT, delivery_count INTEGER NOT NULL DEFAULT 0)"
+    )
+    connection.execute(
+        "CREATE INDEX messages_by_visibility ON messages (queue, visible_at)"
+    )
+    connection.execute(
+        "CREATE INDEX messages_by_owner ON messages (owner) WHERE owner IS NOT NULL"
+    )
+    connection.execute(
+        "INSERT INTO messages (queue, body, visible_at, owner, delivery_count) "
+        "VALUES (?, ?, 0, NULL, 0), (?, ?, 0, 'gone', 1)",
+        (QUEUE, b"waiting", QUEUE, b"pulled"),
+    )
+
+    stream = SQLiteStream(db_path)
+    try:
+        indexes = {
+            name
+            for (name,) in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' "
+                "AND tbl_name = 'messages'"
+            )
+        }
+        assert indexes == {"messages_waiting", "messages_pulled"}
+        assert stream.depth(QUEUE) == 2
+        assert stream.recover("gone") == 1
+        deliveries = stream.pull([QUEUE], 2, timeout_s=0)
+        assert [delivery.body for delivery in deliveries] == [b"waiting", b"pulled"]
+    finally:
+        stream.close()
+        connection.close()
