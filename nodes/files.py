@@ -167,6 +167,9 @@ class JsonLinesSink:
     Limits: one process writes each file. The part of a batch whose write
     failed is truncated away, which is only safe while no other process
     appends to the file, so run this node with one process per output path.
+    The file keeps no item ids, so a process killed after its write and
+    before its acknowledgement leaves the batch in the file, and the
+    redelivered batch is appended a second time.
     """
 
     batched = True
@@ -201,7 +204,8 @@ class CsvSink:
     names. A missing key is written as an empty field, and a key outside
     `fieldnames` fails the batch with a `ValueError` and nothing of it on disk.
 
-    Limits: one process writes each file, as for `JsonLinesSink`.
+    Limits: one process writes each file, and a batch redelivered after a
+    crash is appended a second time, as for `JsonLinesSink`.
     """
 
     batched = True
