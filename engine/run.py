@@ -375,7 +375,9 @@ class LocalRun:
                     return "done"
                 raise EngineError(
                     f"the worker exited with code {self.worker.returncode} before "
-                    f"pipeline {name!r} finished; see its log lines above"
+                    f"pipeline {name!r} finished; see its log lines above, then "
+                    "run the same command with --resume to process the items "
+                    "left in the stream"
                 )
             if not handled_interrupts and self.master.wait_pipeline(
                 name, REFRESH_INTERVAL_S

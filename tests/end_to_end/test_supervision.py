@@ -836,6 +836,40 @@ def test_resume_after_killed_nodes_finishes(tmp_path, write_pipeline) -> None:
     assert written == set(range(2000))
 
 
+def test_killed_worker_suggests_resume(tmp_path, write_pipeline) -> None:
+    import psutil
+
+    pipeline = write_pipeline(SLOW)
+    output = tmp_path / "out.jsonl"
+    process = subprocess.Popen(
+        [engine_command(), "run", str(pipeline)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: output.exists() and len(output.read_text().splitlines()) >= 50,
+            timeout_s=60,
+            what="50 items written by the sink",
+        )
+        worker = psutil.Process(process.pid).children()[0]
+        worker.kill()
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    assert process.returncode == 1, stderr
+    assert "the worker exited with code -9" in stderr
+    assert "with --resume" in stderr
+    resumed = run_engine("run", str(pipeline), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    written = {int(n) for n in output.read_text().split()}
+    assert written == set(range(2000))
+
+
 def test_resume_with_nothing_left_fails(tmp_path, write_pipeline) -> None:
     pipeline = write_pipeline(SLOW)
 
