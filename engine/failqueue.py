@@ -100,7 +100,13 @@ def _decode(delivery: Delivery) -> dict[str, Any] | None:
 def _describe(delivery: Delivery) -> dict[str, Any]:
     record = _decode(delivery)
     if record is None:
-        return {"id": "?", "payload": repr(delivery.body[:200]), "errors": []}
+        # Pickled records stay undecoded here, so their id and errors are unknown.
+        return {
+            "id": "?",
+            "payload": repr(delivery.body[:200]),
+            "errors": [],
+            "stored_bytes": len(delivery.body),
+        }
     return record
 
 
@@ -109,6 +115,11 @@ def _as_count(value: Any) -> int:
 
 
 def _summary(record: dict[str, Any]) -> str:
+    if "stored_bytes" in record:
+        return (
+            f"?  pickled item of {record['stored_bytes']} bytes, not decoded: "
+            f"{record['payload'][:80]}"
+        )
     errors = record.get("errors") or [{}]
     last = errors[-1]
     message = str(last.get("message", "")).splitlines()[0:1]

@@ -1351,3 +1351,34 @@ def test_unencodable_result_fails_without_retry(tmp_path, write_pipeline) -> Non
     for record in records:
         assert len(record["errors"]) == 1
         assert record["errors"][0]["type"] == "EncodingError"
+
+
+PICKLED_FAILURE = """
+from engine import Pipeline
+
+pipeline = Pipeline("pickled", serializer="pickle")
+
+
+@pipeline.source()
+def numbers():
+    yield from range(3)
+
+
+@pipeline.sink(after="numbers", retries=0)
+def reject_one(number):
+    if number == 1:
+        raise ValueError("one is rejected")
+"""
+
+
+def test_fail_queue_lists_pickled_item(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(PICKLED_FAILURE)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path)
+
+    assert result.returncode == 3, result.stderr
+    listed = run_engine("fail-queue", "list", "pickled.reject_one", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "?  pickled item of " in listed.stdout
+    assert "attempts=" not in listed.stdout
+    assert "1 failed items in pickled.reject_one-fail" in listed.stdout
