@@ -418,6 +418,11 @@ def _as_path(value: Any, name: str) -> Path:
         )
     if not isinstance(value, str | os.PathLike):
         raise ParameterError(f"invalid {name}={value!r}: expected a file path")
+    # Path("") is the current folder, so an empty -p value would read or write there.
+    if isinstance(value, str) and not value:
+        raise ParameterError(
+            f"invalid {name}='': expected a file or folder path, not an empty string"
+        )
     return Path(value)
 
 

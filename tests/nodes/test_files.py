@@ -121,6 +121,16 @@ def test_list_files_missing_path_raises(tmp_path: Path) -> None:
     assert "-p input=PATH" in str(caught.value)
 
 
+def test_list_files_rejects_empty_path(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("a\n")
+
+    with pytest.raises(ParameterError) as caught:
+        list_files("")
+
+    assert "invalid path=''" in str(caught.value)
+
+
 def test_list_files_rejects_unresolved_param() -> None:
     with pytest.raises(TypeError, match="ctx.resolve"):
         list_files(param("input"))  # type: ignore[arg-type]
