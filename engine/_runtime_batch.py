@@ -191,7 +191,7 @@ class BatchMixin:
             chosen = self.spec.route(result)
             if chosen is None:
                 return []
-            names = {chosen} if isinstance(chosen, str) else set(chosen)
+            names = _route_names(self.spec.name, chosen)
             known = {output.target for output in outputs}
             unknown = sorted(names - known)
             if unknown:
@@ -229,3 +229,17 @@ class _Batch:
 
 def _is_generator(value: Any) -> bool:
     return hasattr(value, "__next__") and hasattr(value, "send")
+
+
+def _route_names(node: str, chosen: Any) -> set[str]:
+    """Return the node names that a route returned, or raise for another value."""
+    if isinstance(chosen, str):
+        return {chosen}
+    if isinstance(chosen, (list, tuple, set, frozenset)) and all(
+        isinstance(name, str) for name in chosen
+    ):
+        return set(chosen)
+    raise EngineError(
+        f"route of node {node!r} returned {chosen!r}; expected a node name, "
+        "a list of node names, or None to drop the result"
+    )

@@ -166,3 +166,37 @@ def test_closures_lambdas_and_batches_run(tmp_path: Path, write_pipeline) -> Non
     assert result.returncode == 0, result.stderr
     written = sorted(read_lines(tmp_path / "out.jsonl"))
     assert written == sorted((n * 5 + 1) * 2 for n in range(10))
+
+
+BAD_ROUTES = """
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("routes", params={"output": "out.jsonl"})
+
+
+def pick(number):
+    # Neither the number for 1 nor the nested list for 2 is a node name.
+    return {1: 7, 2: [["write"]]}.get(number, "write")
+
+
+@pipeline.source(route=pick, retries=0)
+def numbers():
+    yield from range(4)
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="numbers")
+"""
+
+
+def test_route_non_name_fails_item(tmp_path: Path, write_pipeline) -> None:
+    pipeline = write_pipeline(BAD_ROUTES)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path)
+
+    assert result.returncode == 3, result.stderr
+    assert sorted(read_lines(tmp_path / "out.jsonl")) == [0, 3]
+    listed = run_engine("fail-queue", "list", "routes.numbers", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "route of node 'numbers' returned 7; expected a node name" in listed.stdout
+    assert "route of node 'numbers' returned [['write']]" in listed.stdout
