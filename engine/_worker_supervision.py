@@ -36,7 +36,7 @@ from engine.runtime import (
     SharedFlag,
     node_main,
 )
-from engine.streams import open_stream
+from engine.streams import is_requeued_by_broker, open_stream
 
 # Every log line of the worker names `engine.worker`, whichever part writes it.
 logger = logging.getLogger("engine.worker")
@@ -391,6 +391,10 @@ class NodeSupervisionMixin:
     def _recover(self, node: ManagedNode, pid: int) -> int:
         """Make what the dead process `pid` pulled visible to the other nodes."""
         owner = f"{node.node_id}@{pid}"
+        # Connecting to a broker that is down would stall this loop, and its
+        # heartbeats, for every connection attempt, only to recover nothing.
+        if is_requeued_by_broker(self.stream_url or ""):
+            return 0
         try:
             stream = open_stream(self.stream_url or "", owner=f"{self.worker_id}")
             try:

@@ -18,6 +18,7 @@ from engine.streams.base import Delivery, Stream
 __all__ = [
     "Delivery",
     "Stream",
+    "is_requeued_by_broker",
     "open_stream",
     "redact_url",
     "sqlite_file",
@@ -52,6 +53,15 @@ def open_stream(url: str, owner: str = "", **options: object) -> Stream:
         f"{', '.join(SCHEMES)}; for example sqlite:///run.db "
         "or amqp://guest:guest@127.0.0.1:5672/"
     )
+
+
+def is_requeued_by_broker(url: str) -> bool:
+    """Return True when the stream at `url` requeues a dead process's messages.
+
+    RabbitMQ requeues the unacknowledged messages of a connection as soon as
+    it closes, so a supervisor has nothing to recover and need not connect.
+    """
+    return urlsplit(url).scheme in ("amqp", "amqps")
 
 
 def _sqlite_options(url: str, query: str) -> dict[str, object]:

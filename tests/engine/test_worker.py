@@ -88,3 +88,21 @@ def test_worker_shutdown_overtakes_queued_starts(tmp_path: Path) -> None:
     # Without the reordering every START-NODE forks a process before the
     # SHUTDOWN is read; with it, only those of the first step can.
     assert len(started) <= MAX_EVENTS_PER_STEP, output
+
+
+def test_worker_recovers_nothing_from_broker(caplog) -> None:
+    from types import SimpleNamespace
+
+    from engine._worker_supervision import NodeSupervisionMixin
+
+    # No broker listens on port 1; a connection attempt would fail and warn.
+    worker = SimpleNamespace(
+        stream_url="amqp://guest:guest@127.0.0.1:1/", worker_id="worker-1"
+    )
+    node = SimpleNamespace(node_id="p.b#1")
+
+    recovered = NodeSupervisionMixin._recover(worker, node, 4242)
+
+    # The broker requeues what a dead connection held: nothing to connect for.
+    assert recovered == 0
+    assert caplog.records == []
