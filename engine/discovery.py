@@ -50,8 +50,24 @@ class DiscoveryFile:
         self.path = folder / DISCOVERY_FILE.name
         self.token_path = folder / TOKEN_FILE.name
 
-    def write(self) -> None:
-        """Write both files, replacing those of an earlier process."""
+    def write(self) -> bool:
+        """Write both files, replacing those of a process that has ended.
+
+        Returns False, writes nothing and logs a warning when the files name
+        another process that is still running, such as a second `engine run`
+        in the same folder: the commands keep finding the first one.
+        """
+        owner = self._live_owner()
+        if owner is not None:
+            logger.warning(
+                "%s names the control API of process %d, which still runs, so "
+                "this process's control API is not written there; pass "
+                "--api %s to the engine commands to reach it",
+                self.path,
+                owner,
+                self.api_url,
+            )
+            return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         content = {
             "api": self.api_url,
@@ -63,6 +79,18 @@ class DiscoveryFile:
             _write_private(self.token_path, self.token + b"\n")
         _write_private(self.path, json.dumps(content, indent=2).encode() + b"\n")
         logger.debug("control API discovery file written to %s", self.path)
+        return True
+
+    def _live_owner(self) -> int | None:
+        """Return the PID in the file if it names another running process."""
+        try:
+            content = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        pid = content.get("pid") if isinstance(content, dict) else None
+        if pid == os.getpid() or not is_process_alive(pid):
+            return None
+        return pid
 
     def remove(self) -> None:
         """Delete both files if this process wrote them last."""
