@@ -309,7 +309,8 @@ class Pipeline(GraphMixin):
         A value given as text is converted to the type of the declared
         default (int, float or bool). Raises `ParameterError` for an unknown
         name or a value that does not convert, then runs the `check_params`
-        functions.
+        functions. Raises `PipelineError` when one of them raises anything
+        other than `ParameterError`.
         """
         params = dict(self.params)
         for key, text in overrides.items():
@@ -326,10 +327,13 @@ class Pipeline(GraphMixin):
             except ParameterError:
                 raise
             except Exception as exc:
+                # Any other exception is a bug in the check, not in the
+                # command line, so it is no usage error.
                 name = getattr(check, "__name__", repr(check))
-                raise ParameterError(
+                raise PipelineError(
                     f"check_params function {name!r} of pipeline {self.name!r} "
-                    f"raised {type(exc).__name__}: {exc}"
+                    f"failed with {type(exc).__name__}: {exc}; fix the function, "
+                    "or raise ParameterError from it for an invalid parameter"
                 ) from exc
         return params
 

@@ -898,6 +898,20 @@ def test_check_params_hook_error_propagates(params_pipeline: Pipeline) -> None:
         params_pipeline.resolve_params({"lines": "0"})
 
 
+def test_check_params_hook_bug_is_pipeline_error(params_pipeline: Pipeline) -> None:
+    @params_pipeline.check_params
+    def check_lines(params):
+        return 1 / 0
+
+    with pytest.raises(PipelineError) as excinfo:
+        params_pipeline.resolve_params({})
+
+    message = str(excinfo.value)
+    assert "check_params function 'check_lines'" in message
+    assert "failed with ZeroDivisionError: division by zero" in message
+    assert not isinstance(excinfo.value, ParameterError)
+
+
 # Serializer.
 
 
