@@ -74,8 +74,10 @@ class MasterConnectionMixin:
         deadline = time.monotonic() + timeout_s
         delay_s = 0.1
         while True:
+            # One attempt never outlasts the time left, nor 5 s.
+            attempt_s = min(5.0, max(deadline - time.monotonic(), 0.1))
             try:
-                return mmop.connect(host, port, self.secret, timeout_s=5.0)
+                return mmop.connect(host, port, self.secret, timeout_s=attempt_s)
             except mmop.AuthenticationError:
                 raise
             except mmop.ConnectionFailedError:
@@ -88,8 +90,8 @@ class MasterConnectionMixin:
                         "check that engine-master runs there and that the "
                         "address is right"
                     ) from exc
-                time.sleep(delay_s)
-                delay_s = min(delay_s * 2, 2.0)
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 2.0)
 
     def _register(self, connection: mmop.Connection) -> None:
         memory = psutil.virtual_memory().total

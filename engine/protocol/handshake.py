@@ -108,7 +108,7 @@ class _HandshakeChannel:
         except TimeoutError as exc:
             raise ProtocolError(
                 f"MMOP handshake with the {self.peer_label} timed out after "
-                f"{self.timeout_s} s; check that both sides run {PROTOCOL_VERSION} "
+                f"{self.timeout_s:.1f} s; check that both sides run {PROTOCOL_VERSION} "
                 "at this address"
             ) from exc
         except OSError as exc:
@@ -216,7 +216,7 @@ def connect(
         ) from exc
     except TimeoutError as exc:
         raise ConnectionFailedError(
-            f"connection to master at {address} timed out after {timeout_s} s; "
+            f"connection to master at {address} timed out after {timeout_s:.1f} s; "
             "check that the master is running and that no firewall drops the packets"
         ) from exc
     except OSError as exc:

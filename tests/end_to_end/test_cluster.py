@@ -280,6 +280,27 @@ def test_worker_without_master_exits_clearly(tmp_path: Path, secret_file) -> Non
     assert "Traceback" not in result.stderr
 
 
+def test_worker_silent_master_exits_at_timeout(tmp_path: Path, secret_file) -> None:
+    # A listener that accepts and never answers, as a port of another service.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        result = run_engine(
+            "worker",
+            "--master",
+            f"127.0.0.1:{port}",
+            "--secret-file",
+            str(secret_file),
+            "--connect-timeout",
+            "1",
+            cwd=tmp_path,
+        )
+
+    assert result.returncode == 1
+    assert f"connection to master at 127.0.0.1:{port} failed" in result.stderr
+    assert "timed out after 1.0 s" in result.stderr
+
+
 def test_worker_without_address_exits_clearly(tmp_path: Path, secret_file) -> None:
     # `--master -` reads the address from standard input, which is empty here.
     result = run_engine(
