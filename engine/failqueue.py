@@ -17,7 +17,7 @@ import click
 
 from engine.discovery import DISCOVERY_FILE, is_process_alive
 from engine.errors import EngineError
-from engine.streams import Delivery, Stream, open_stream
+from engine.streams import Delivery, Stream, open_stream, redact_url
 
 # Items read from a fail queue at a time; listing reads at most `--limit`.
 READ_BATCH = 500
@@ -152,7 +152,20 @@ _stream_option = click.option(
 
 def _open(node: str, stream_url: str | None) -> tuple[Stream, str]:
     queue = fail_queue_name(node)
-    stream = open_stream(stream_url or default_stream(node), owner="engine-fail-queue")
+    url = stream_url or default_stream(node)
+    stream = open_stream(url, owner="engine-fail-queue")
+    try:
+        has_queue = stream.has_queue(queue)
+    except BaseException:
+        stream.close()
+        raise
+    if not has_queue:
+        stream.close()
+        raise EngineError(
+            f"node {node!r} has no fail queue {queue!r} in the stream "
+            f"{redact_url(url)}; check the PIPELINE.NODE name, which "
+            "engine status lists while the pipeline runs"
+        )
     return stream, queue
 
 

@@ -96,6 +96,9 @@ class Stream(Protocol):
         calling `depth` in a loop. A queue that does not exist counts 0.
         """
 
+    def has_queue(self, queue: str) -> bool:
+        """Return True when `queue` was declared and not deleted since."""
+
     def delete_queues(self, queues: Iterable[str]) -> None:
         """Delete the queues and every message in them."""
 

@@ -398,6 +398,11 @@ class RabbitMQStream(
         # holds messages has not completed yet.
         return self._run("count messages", lambda: self._depths(names))
 
+    def has_queue(self, queue: str) -> bool:
+        """Return True when `queue` exists on the broker."""
+        names = _queue_names([queue])
+        return self._run("check queue", lambda: self._count_ready(names[0]) is not None)
+
     def delete_queues(self, queues: Iterable[str]) -> None:
         """Delete the queues, their holding queues and every message in them.
 

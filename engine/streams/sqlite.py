@@ -402,6 +402,13 @@ class SQLiteStream:
         """Return the number of messages in `queue`, pulled or not."""
         return self.depths([queue])[queue]
 
+    def has_queue(self, queue: str) -> bool:
+        """Return True when `queue` was declared and not deleted since."""
+        rows = self._read(
+            "check queue", "SELECT 1 FROM queues WHERE name = ?", (queue,)
+        )
+        return bool(rows)
+
     def depths(self, queues: Sequence[str]) -> dict[str, int]:
         """Return the number of messages in each of `queues`, pulled or not.
 

@@ -634,6 +634,12 @@ def test_fail_queue_commands(tmp_path, write_pipeline) -> None:
     assert "no stream of pipeline 'other' here" in elsewhere.stderr
     assert not (tmp_path / ".monomyth" / "other.db").exists()
 
+    unknown = run_engine("fail-queue", "list", "failing.nope", cwd=tmp_path)
+    assert unknown.returncode == 1
+    assert "node 'failing.nope' has no fail queue 'failing.nope-fail'" in (
+        unknown.stderr
+    )
+
     replayed = run_engine(
         "fail-queue", "replay", "failing.invert", "--id", item_id, cwd=tmp_path
     )

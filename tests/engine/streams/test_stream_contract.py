@@ -156,6 +156,19 @@ def test_depths_counts_several_queues(stream: Stream, queue_names: QueueNames) -
     assert stream.depths([first, second, empty]) == {first: 2, second: 5, empty: 0}
 
 
+def test_has_queue_follows_declare_and_delete(
+    stream: Stream, queue_names: QueueNames
+) -> None:
+    jobs, never = queue_names("jobs"), queue_names("never")
+
+    stream.declare([jobs])
+    assert stream.has_queue(jobs) is True
+    assert stream.has_queue(never) is False
+
+    stream.delete_queues([jobs])
+    assert stream.has_queue(jobs) is False
+
+
 def test_delete_queues_removes_messages(
     stream: Stream, queue_names: QueueNames
 ) -> None:
