@@ -6,9 +6,10 @@ restarted process skips the items that an earlier one published.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from typing import Any
 
 from engine._runtime_batch import _Batch
@@ -81,6 +82,8 @@ class SourceMixin:
         items = function(self.context) if self.spec.takes_context else function()
         if items is None:
             return ()
+        if inspect.isgenerator(items):
+            return _watch_return(items, self.launch.node_id)
         try:
             return iter(items)
         except TypeError:
@@ -94,3 +97,19 @@ class SourceMixin:
         # A source fails its items without retries, so a batch has none.
         self.stream.publish(batch.outgoing, position=position)
         self._count_published(batch)
+
+
+def _watch_return(generator: Generator[Any, Any, Any], node_id: str) -> Iterable[Any]:
+    """Yield what `generator` yields, and warn if it also returns a value.
+
+    A generator's `return value` ends it and publishes nothing, which looks
+    like an empty source when the function meant to return its items.
+    """
+    value = yield from generator
+    if value is not None:
+        logger.warning(
+            "source %s returned %s from its generator, which publishes nothing; "
+            "yield the items instead",
+            node_id,
+            type(value).__name__,
+        )

@@ -200,3 +200,33 @@ def test_route_non_name_fails_item(tmp_path: Path, write_pipeline) -> None:
     assert listed.returncode == 0, listed.stderr
     assert "route of node 'numbers' returned 7; expected a node name" in listed.stdout
     assert "route of node 'numbers' returned [['write']]" in listed.stdout
+
+
+RETURNING_SOURCE = """
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("returning", params={"output": "out.jsonl"})
+
+
+@pipeline.source()
+def numbers():
+    # The yield makes this a generator, so the list ends it unpublished.
+    if False:
+        yield 0
+    return [1, 2, 3]
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="numbers")
+"""
+
+
+def test_source_returning_value_warns(tmp_path: Path, write_pipeline) -> None:
+    pipeline = write_pipeline(RETURNING_SOURCE)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path)
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "source returning.numbers#1 returned list from its generator" in output
+    assert "yield the items instead" in output
