@@ -112,6 +112,7 @@ class ViewsMixin:
         master = self.master
         with master.lock:
             self._require_type(node_type)
+            self._require_source_room(node_type, count)
             node_ids = self._apply(lambda: master.start_nodes(node_type, count))
             record = master.types[node_type]
             is_queued = any(record.nodes[n].worker_id is None for n in node_ids)
@@ -138,6 +139,8 @@ class ViewsMixin:
         master = self.master
         with master.lock:
             self._require_type(node_type)
+            active = len(master.active_node_ids(node_type))
+            self._require_source_room(node_type, count - active)
             started, stopping = self._apply(
                 lambda: master.scale_nodes(node_type, count)
             )
@@ -192,6 +195,27 @@ class ViewsMixin:
             raise RequestError(
                 HTTPStatus.NOT_FOUND,
                 f"node type {node_type!r} not found; known types are {known}",
+            )
+
+    def _require_source_room(self, node_type: str, starting: int) -> None:
+        """Reject starting source processes beyond those the pipeline declares.
+
+        Each source process publishes its whole share of the input, chosen
+        by `ctx.process_index` and `ctx.process_count`, so one more process
+        would publish items that the others publish too.
+        """
+        record = self.master.types[node_type]
+        # A type that is done gets the master's own reason.
+        if record.kind != "source" or starting <= 0 or record.is_done:
+            return
+        created = record.next_number - 1
+        if created + starting > record.processes:
+            raise RequestError(
+                HTTPStatus.CONFLICT,
+                f"source {node_type!r} has started {created} of the "
+                f"{record.processes} processes that its pipeline declares; "
+                "another would publish its items again, so change processes= "
+                "in the pipeline file and start a new run instead",
             )
 
     def _apply(self, action: Callable[[], Any]) -> Any:

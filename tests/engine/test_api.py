@@ -237,9 +237,8 @@ def test_start_node_balances_type_then_total(
     # The fewest of the type comes first: worker-1 has no p.c, though it has
     # three nodes in all and worker-2 one.
     assert call(api, "POST", "/start-node/p.c").body["node_ids"] == ["p.c#2"]
-    # worker-2 has no p.b and no p.a yet.
+    # worker-2 has no p.b yet.
     assert call(api, "POST", "/start-node/p.b").body["node_ids"] == ["p.b#3"]
-    assert call(api, "POST", "/start-node/p.a").body["node_ids"] == ["p.a#2"]
 
     workers = call(api, "GET", "/worker-info").body["workers"]
     assert workers[first.worker_id]["nodes"] == {
@@ -248,7 +247,6 @@ def test_start_node_balances_type_then_total(
         "p.c": ["p.c#2"],
     }
     assert workers[second.worker_id]["nodes"] == {
-        "p.a": ["p.a#2"],
         "p.b": ["p.b#3"],
         "p.c": ["p.c#1"],
     }
@@ -741,3 +739,18 @@ def test_discovery_files_of_other_process_kept(api: ControlAPI, tmp_path: Path) 
 
     assert json.loads((folder / "control.json").read_text()) == later
     assert (folder / "control.token").read_text() == "later-token\n"
+
+
+def test_start_node_rejects_extra_source_process(api: ControlAPI) -> None:
+    first = call(api, "POST", "/start-node/p.a")
+    second = call(api, "POST", "/start-node/p.a")
+    scaled = call(api, "POST", "/scale/p.a", {"count": 2})
+    stopped = call(api, "POST", "/scale/p.a", {"count": 0})
+
+    assert first.status == 202
+    assert second.status == 409
+    assert "source 'p.a' has started 1 of the 1 processes" in second.body["error"]
+    assert scaled.status == 409
+    assert "would publish its items again" in scaled.body["error"]
+    assert stopped.status == 200
+    assert stopped.body["stopping"] == ["p.a#1"]
