@@ -24,7 +24,7 @@ from engine._master_records import (
     WorkerState,
 )
 from engine.errors import EngineError
-from engine.recipe import build_recipe
+from engine.recipe import build_recipe, params_digest
 
 if TYPE_CHECKING:
     from engine.pipeline import Pipeline
@@ -65,6 +65,7 @@ class PlacementMixin:
                         pipeline.node_type(n) for n in pipeline.downstream(name)
                     ],
                     input_queues=pipeline.input_queues(name),
+                    params_digest=params_digest(params),
                 )
                 names.append(node_type)
             self.pipelines[pipeline.name] = names

@@ -107,6 +107,8 @@ class TypeRecord:
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     next_number: int = 1
     last_error: str = ""
+    # The digest of the run parameters in `recipe`, from `params_digest`.
+    params_digest: str = ""
 
     def count(self, state: NodeState) -> int:
         return sum(1 for node in self.nodes.values() if node.state == state)

@@ -41,6 +41,7 @@ class HeartbeatMixin:
             "restarts": node.restarts,
             "has_started": node.has_started,
             "last_error": node.last_error,
+            "params_digest": node.header.params_digest,
             "cpu_percent": 0.0,
             "memory_bytes": 0,
             **self._stats(node),

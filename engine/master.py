@@ -280,10 +280,14 @@ class Master(PlacementMixin, StatsMixin):
 
     def _adopt_nodes(self, worker: WorkerRecord, reports: list) -> None:
         """Count the nodes a reconnecting worker runs, rebuilding lost state."""
+        other_params: list[str] = []
         for report in reports:
             record = self.types.get(report.get("node_type", ""))
             if record is None:
                 continue
+            reported_digest = report.get("params_digest")
+            if reported_digest and reported_digest != record.params_digest:
+                other_params.append(report["node_id"])
             node = record.nodes.get(report["node_id"])
             if node is None:
                 node = NodeRecord(report["node_id"], record.node_type, None)
@@ -310,6 +314,17 @@ class Master(PlacementMixin, StatsMixin):
                 record.next_number = max(record.next_number, int(number) + 1)
             if record.state == TypeState.PENDING:
                 record.state = TypeState.RUNNING
+        if other_params:
+            # The nodes keep running: stopping them would stop the run's data.
+            logger.error(
+                "worker %s runs %d nodes with other run parameters than this "
+                "master loaded (%s); they keep their own, but this master's "
+                "hooks and new nodes use its values: start the master again "
+                "with the -p values that the run started with",
+                worker.worker_id,
+                len(other_params),
+                ", ".join(other_params[:5]) + (" ..." if len(other_params) > 5 else ""),
+            )
         if reports:
             self._reconcile()
 

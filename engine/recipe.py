@@ -8,6 +8,7 @@ body, so that a recipe that fails to load fails that node alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -58,11 +59,19 @@ class RecipeHeader:
     python: str
     settings: dict[str, Any]
     input_queues: list[str]
+    # A digest of the run parameters, "" in recipes of older versions.
+    params_digest: str = ""
 
 
 def python_version() -> str:
     """Return this interpreter's `major.minor` version."""
     return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def params_digest(params: dict[str, Any]) -> str:
+    """Return a short digest of run parameters that is equal for equal values."""
+    text = json.dumps(params, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def build_recipe(pipeline: Pipeline, node: str, params: dict[str, Any]) -> bytes:
@@ -94,6 +103,7 @@ def build_recipe(pipeline: Pipeline, node: str, params: dict[str, Any]) -> bytes
         "python": python_version(),
         "settings": spec.settings.to_json(),
         "input_queues": list(recipe.input_queues),
+        "params_digest": params_digest(params),
     }
     try:
         body = cloudpickle.dumps(recipe)
@@ -123,6 +133,7 @@ def read_header(data: bytes) -> RecipeHeader:
             python=header["python"],
             settings=header["settings"],
             input_queues=header["input_queues"],
+            params_digest=str(header.get("params_digest", "")),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise RecipeError(f"invalid recipe header {line[:120]!r}: {exc}") from exc

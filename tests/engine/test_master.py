@@ -10,6 +10,7 @@ import pytest
 
 from engine import protocol as mmop
 from engine.master import Master
+from engine.recipe import params_digest
 from tests.engine.test_api import SECRET, FakeWorker, build_pipeline
 from tests.helpers import wait_for
 
@@ -146,3 +147,61 @@ def test_master_keeps_counters_of_moved_node(master: Master) -> None:
     finally:
         first.close()
         second.close()
+
+
+def rejoin(master: Master, digest: str) -> mmop.Connection:
+    """Register again as worker-7, reporting node p.b#1 run with `digest`."""
+    connection = mmop.connect("127.0.0.1", master.port, SECRET)
+    report = {
+        "node_id": "p.b#1",
+        "node_type": "p.b",
+        "pid": os.getpid(),
+        "state": "running",
+        "params_digest": digest,
+    }
+    connection.send(
+        mmop.Ready(
+            hostname="back",
+            pid=os.getpid(),
+            cores=2,
+            memory_bytes=2**30,
+            worker_id="worker-7",
+            nodes=[report],
+        )
+    )
+    assert isinstance(connection.receive(timeout_s=10), mmop.Welcome)
+    return connection
+
+
+def test_master_logs_nodes_with_other_params(
+    master: Master, caplog: pytest.LogCaptureFixture
+) -> None:
+    connection = rejoin(master, "0123456789abcdef")
+    try:
+        wait_for(
+            lambda: "p.b#1" in master.node_stats(),
+            timeout_s=10,
+            what="node p.b#1 adopted",
+        )
+
+        assert "worker-7 runs 1 nodes with other run parameters" in caplog.text
+        assert "(p.b#1)" in caplog.text
+        assert master.node_stats()["p.b#1"]["state"] == "running"
+    finally:
+        connection.close()
+
+
+def test_master_adopts_nodes_with_same_params(
+    master: Master, caplog: pytest.LogCaptureFixture
+) -> None:
+    connection = rejoin(master, params_digest({}))
+    try:
+        wait_for(
+            lambda: "p.b#1" in master.node_stats(),
+            timeout_s=10,
+            what="node p.b#1 adopted",
+        )
+
+        assert "other run parameters" not in caplog.text
+    finally:
+        connection.close()

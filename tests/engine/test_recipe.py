@@ -31,6 +31,7 @@ from engine.recipe import (
     Output,
     build_recipe,
     load_recipe,
+    params_digest,
     python_version,
     read_header,
 )
@@ -222,6 +223,17 @@ def test_header_read_without_unpickling() -> None:
     assert header.settings["batch_size"] == 7
     assert header.settings == pipeline.nodes["double"].settings.to_json()
     assert header.input_queues == ["recipes.read-to-double"]
+    assert header.params_digest == params_digest({})
+
+
+def test_header_digest_follows_params() -> None:
+    pipeline = pipeline_around("double", lambda item: item * 2)
+
+    def digest(params: dict) -> str:
+        return read_header(build_recipe(pipeline, "double", params)).params_digest
+
+    assert digest({"a": 1, "b": "x"}) == digest({"b": "x", "a": 1})
+    assert digest({"a": 1}) != digest({"a": 2})
 
 
 @pytest.mark.parametrize(
