@@ -39,10 +39,12 @@ class LocalWorker:
         log_level: str,
         log_format: str,
         drain_timeout_s: float,
+        secret: str | None = None,
     ) -> None:
         # Generated here, because the worker gets it before the master exists.
-        self.secret = secrets.token_hex(32)
+        self.secret = secret or secrets.token_hex(32)
         self.has_master = False
+        self._settings = (pipeline_folder, log_level, log_format, drain_timeout_s)
 
         env = dict(os.environ)
         env[SECRET_VARIABLE] = self.secret
@@ -100,6 +102,10 @@ class LocalWorker:
                 "worker pid=%d exited before it got the master's port",
                 self.process.pid,
             )
+
+    def replacement(self) -> LocalWorker:
+        """Start another worker with the same settings and secret as this one."""
+        return LocalWorker(*self._settings, secret=self.secret)
 
     def kill(self) -> None:
         """Kill the worker, its forkserver and its nodes, and wait for it."""

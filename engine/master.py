@@ -499,6 +499,17 @@ class Master(PlacementMixin, StatsMixin):
                     ):
                         self._declare_lost(worker, silent_s)
 
+    def release_exited_worker(self, pid: int) -> None:
+        """Declare lost the worker whose process `pid` exited, without waiting.
+
+        Its nodes are queued for the other workers and the next one to join.
+        For `engine run`, which sees its own worker exit.
+        """
+        with self.lock:
+            for worker in self.workers.values():
+                if worker.pid == pid and worker.state == WorkerState.JOINED:
+                    self._declare_lost(worker, time.monotonic() - worker.last_seen)
+
     def _declare_lost(self, worker: WorkerRecord, silent_s: float) -> None:
         worker.state = WorkerState.LOST
         logger.warning(

@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 REFRESH_INTERVAL_S = 0.5
 
+# How often a run starts a new worker after its worker died, before it gives
+# up and leaves the rest to --resume.
+MAX_WORKER_RESTARTS = 3
+
 # How long past its drain timeout the worker may take to exit before the run
 # kills it: the worker needs a moment to kill its own nodes and report.
 WORKER_EXIT_GRACE_S = 10.0
@@ -92,6 +96,7 @@ class LocalRun:
         hold: bool = False,
     ) -> None:
         self.local_worker = local_worker
+        self.worker_restarts = 0
         self.pipeline = load_pipeline(path, pipeline_name)
         self.pipeline.check()
         self.path = Path(path).resolve()
@@ -373,18 +378,46 @@ class LocalRun:
                     return "interrupted"
                 if self.master.is_pipeline_done(name):
                     return "done"
-                raise EngineError(
-                    f"the worker exited with code {self.worker.returncode} before "
-                    f"pipeline {name!r} finished; see its log lines above, then "
-                    "run the same command with --resume to process the items "
-                    "left in the stream"
-                )
+                if self.worker_restarts >= MAX_WORKER_RESTARTS:
+                    raise EngineError(
+                        f"the worker exited with code {self.worker.returncode} "
+                        f"before pipeline {name!r} finished, after "
+                        f"{self.worker_restarts} restarts; see its log lines "
+                        "above, then run the same command with --resume to "
+                        "process the items left in the stream"
+                    )
+                self._replace_worker(stream)
             if not handled_interrupts and self.master.wait_pipeline(
                 name, REFRESH_INTERVAL_S
             ):
                 return "done"
             if handled_interrupts:
                 time.sleep(REFRESH_INTERVAL_S)
+
+    def _replace_worker(self, stream: Any) -> None:
+        """Start a new worker for the nodes of the one that died."""
+        self.worker_restarts += 1
+        message = (
+            f"the worker exited with code {self.worker.returncode}; starting "
+            f"a new worker (restart {self.worker_restarts} of "
+            f"{MAX_WORKER_RESTARTS})"
+        )
+        logger.warning(message)
+        self.display.print(message)
+
+        # Its nodes notice the death only after a moment: kill them all now,
+        # so that what they pulled can be made visible at once.
+        self._kill_worker()
+        self.worker.wait()
+        recover = getattr(stream, "recover_queues", None)
+        if recover is not None:
+            released = recover(self.pipeline.data_queues())
+            logger.info("%d items of the dead worker's nodes visible again", released)
+        self.master.release_exited_worker(self.worker.pid)
+
+        self.local_worker = self.local_worker.replacement()
+        self.local_worker.send_master_address(self.master.port, self.display.print_log)
+        self.worker = self.local_worker.process
 
     def _show(self, stream: Any) -> None:
         stats = self.master.type_stats(self.master.pipelines[self.pipeline.name])

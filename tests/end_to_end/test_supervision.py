@@ -9,6 +9,7 @@ import re
 import signal
 import sqlite3
 import subprocess
+from pathlib import Path
 
 from engine.streams import open_stream
 from tests.end_to_end.conftest import engine_command, run_engine
@@ -842,14 +843,11 @@ def test_resume_after_killed_nodes_finishes(tmp_path, write_pipeline) -> None:
     assert written == set(range(2000))
 
 
-def test_killed_worker_suggests_resume(tmp_path, write_pipeline) -> None:
-    import psutil
-
-    pipeline = write_pipeline(SLOW)
-    output = tmp_path / "out.jsonl"
+def start_slow_run(pipeline: Path, output: Path) -> subprocess.Popen:
+    """Start `engine run` of SLOW and return once its sink wrote 50 items."""
     process = subprocess.Popen(
         [engine_command(), "run", str(pipeline)],
-        cwd=tmp_path,
+        cwd=pipeline.parent,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -860,15 +858,60 @@ def test_killed_worker_suggests_resume(tmp_path, write_pipeline) -> None:
             timeout_s=60,
             what="50 items written by the sink",
         )
-        worker = psutil.Process(process.pid).children()[0]
-        worker.kill()
+    except BaseException:
+        process.kill()
+        process.communicate()
+        raise
+    return process
+
+
+def kill_worker(process: subprocess.Popen, killed_pids: set[int]) -> None:
+    """SIGKILL the worker of the run `process`, one not killed before."""
+    import psutil
+
+    def new_worker() -> psutil.Process | None:
+        children = psutil.Process(process.pid).children()
+        fresh = [child for child in children if child.pid not in killed_pids]
+        return fresh[0] if fresh else None
+
+    worker = wait_for(new_worker, timeout_s=30, what="a worker not killed yet")
+    killed_pids.add(worker.pid)
+    worker.kill()
+
+
+def test_killed_worker_replaced_run_completes(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(SLOW)
+    output = tmp_path / "out.jsonl"
+    process = start_slow_run(pipeline, output)
+    try:
+        kill_worker(process, set())
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    assert process.returncode == 0, stderr
+    assert "the worker exited with code -9; starting a new worker" in stderr
+    assert "(restart 1 of 3)" in stderr
+    written = {int(n) for n in output.read_text().split()}
+    assert written == set(range(2000))
+
+
+def test_worker_killed_too_often_suggests_resume(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(SLOW)
+    output = tmp_path / "out.jsonl"
+    process = start_slow_run(pipeline, output)
+    killed_pids: set[int] = set()
+    try:
+        for _ in range(4):
+            kill_worker(process, killed_pids)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
 
     assert process.returncode == 1, stderr
-    assert "the worker exited with code -9" in stderr
+    assert "after 3 restarts" in stderr
     assert "with --resume" in stderr
     resumed = run_engine("run", str(pipeline), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
