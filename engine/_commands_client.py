@@ -24,13 +24,13 @@ import click
 from engine.discovery import (
     DEFAULT_API_PORT,
     DISCOVERY_FILE,
+    SECRET_VARIABLE,
     TOKEN_FILE,
     is_process_alive,
 )
 from engine.errors import EngineError
 
 API_VARIABLE = "MONOMYTH_API"
-SECRET_VARIABLE = "MONOMYTH_SECRET"
 DEFAULT_API_URL = f"http://127.0.0.1:{DEFAULT_API_PORT}"
 
 

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import click
 
+from engine.discovery import SECRET_VARIABLE
 from engine.errors import EngineError, ParameterError
 from engine.logs import LOG_LEVELS, configure_logging
 
 logger = logging.getLogger(__name__)
-
-SECRET_VARIABLE = "MONOMYTH_SECRET"
 
 
 class ExitCode(enum.IntEnum):

@@ -17,6 +17,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_API_PORT = 7601
 
+# The environment variable that holds the cluster secret, which is also the
+# control API's token.
+SECRET_VARIABLE = "MONOMYTH_SECRET"
+
 CONTROL_FOLDER = Path(".monomyth")
 DISCOVERY_FILE = CONTROL_FOLDER / "control.json"
 TOKEN_FILE = CONTROL_FOLDER / "control.token"

@@ -8,8 +8,8 @@ overlap. The worker then waits for the master's address on its standard input
 master listens. A run that fails before then kills the worker, which has not
 connected to anything or started a node.
 
-This module imports only the standard library, so that the worker does not
-wait for the engine's own imports.
+This module imports only the standard library and `engine.discovery`, so that
+the worker does not wait for the engine's own imports.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from engine.discovery import SECRET_VARIABLE
 
-SECRET_VARIABLE = "MONOMYTH_SECRET"
+logger = logging.getLogger(__name__)
 
 
 class LocalWorker:
