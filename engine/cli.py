@@ -188,8 +188,9 @@ def cli(context: click.Context, log_level: str, log_format: str) -> None:
     "--stream",
     "stream_url",
     metavar="URL",
-    help="Data stream URL; default sqlite:///.monomyth/<pipeline>.db in the "
-    "current folder.",
+    help="Data stream URL: sqlite:///relative/path.db, sqlite:////absolute/path.db "
+    "(four slashes) or amqp://user:password@host:5672/vhost; default "
+    "sqlite:///.monomyth/<pipeline>.db in the current folder.",
 )
 @click.option(
     "--pipeline",
@@ -387,7 +388,9 @@ def worker(
     default="sqlite:///.monomyth/cluster.db",
     show_default=True,
     metavar="URL",
-    help="Data stream URL that the workers' nodes use.",
+    help="Data stream URL that the workers' nodes use: amqp://user:password@"
+    "host:5672/vhost, or for workers on this host sqlite:///path.db, where a "
+    "relative path starts at the master's folder.",
 )
 @click.option(
     "-p",
