@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from engine.master import Master
     from engine.streams import Stream
 
-# The most processes that one start-node or scale request may ask for.
+# The maximum number of processes in one start-node or scale request.
 MAX_COUNT = MAX_PROCESSES
 
 

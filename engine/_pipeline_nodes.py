@@ -18,8 +18,8 @@ from engine.errors import PipelineError
 
 NodeKind = Literal["source", "transform", "sink"]
 
-# The most processes of one node type that a pipeline, a start-node request or
-# a scale request may ask for. Each is a process that a worker forks.
+# The maximum number of processes of one node type in a pipeline, a start-node
+# request or a scale request. A worker forks a process for each.
 MAX_PROCESSES = 1000
 
 NODE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
