@@ -16,23 +16,26 @@ a fork, so a stream used in a process other than the one that opened it
 raises `StreamError`. Within a process, one stream may be shared by threads:
 its calls are serialized, so a helper thread can extend leases while the
 main thread runs a long transform.
+
+`SQLiteStream` takes the rest from private modules, one concept each:
+`_sqlite_schema` (the tables and indexes, and the migration of older files),
+`_sqlite_connection` (opening the file and retrying while it is locked) and
+`_sqlite_sql` (the transaction and the statements that the calls share).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
-import random
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from engine.errors import StreamError, StreamUnavailableError
+from engine.errors import StreamError
 from engine.streams._checks import (
     check_bodies,
     check_delay,
@@ -40,18 +43,25 @@ from engine.streams._checks import (
     delivery_ids,
     unique_queue_names,
 )
+from engine.streams._sqlite_connection import (
+    # Named by the class docs, so importable from here as before.
+    BUSY_TIMEOUT_S as BUSY_TIMEOUT_S,
+)
+from engine.streams._sqlite_connection import ConnectionMixin
+from engine.streams._sqlite_sql import (
+    _EXTEND_HELD_SQL,
+    _chunks,
+    _claim_query,
+    _insert,
+    _marks,
+    _run_transaction,
+)
 from engine.streams.base import Delivery
 
 if TYPE_CHECKING:
     from types import TracebackType
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-# Maximum time that SQLite itself waits for a lock before one attempt fails as
-# busy. The retry loop in `SQLiteStream._retry_busy` then starts another.
-BUSY_TIMEOUT_S = 5.0
 
 # Default maximum time that one operation retries while other processes keep
 # the file locked, before it raises `StreamUnavailableError`.
@@ -62,59 +72,8 @@ DEFAULT_BUSY_RETRY_S = 60.0
 POLL_MIN_S = 0.002
 POLL_MAX_S = 0.05
 
-_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
-_SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS queues (
-        name TEXT PRIMARY KEY
-    ) WITHOUT ROWID
-    """,
-    # AUTOINCREMENT keeps ids unique for the life of the file, so a stale
-    # delivery id can never name a newer message.
-    """
-    CREATE TABLE IF NOT EXISTS messages (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        queue TEXT NOT NULL,
-        body BLOB NOT NULL,
-        visible_at REAL NOT NULL,
-        owner TEXT,
-        delivery_count INTEGER NOT NULL DEFAULT 0
-    )
-    """,
-    # Two indexes serve the pull query: visible messages of one queue in the
-    # order (visible_at, id), since every index entry ends with the rowid.
-    # The first holds the messages that no process has pulled, the second
-    # those pulled and not yet acked, whose visible_at is the end of their
-    # lease. A pull moves a message from the first to the second, and an ack
-    # deletes it from the second: one index change each, where a single index
-    # of all messages and one of their owners took three and two.
-    """
-    CREATE INDEX IF NOT EXISTS messages_waiting
-        ON messages (queue, visible_at) WHERE owner IS NULL
-    """,
-    # Also serves `recover`: it stays as small as the messages in flight.
-    """
-    CREATE INDEX IF NOT EXISTS messages_pulled
-        ON messages (queue, visible_at) WHERE owner IS NOT NULL
-    """,
-    # The indexes of files written by earlier versions, which the two above
-    # replace.
-    "DROP INDEX IF EXISTS messages_by_visibility",
-    "DROP INDEX IF EXISTS messages_by_owner",
-    # The position of each source process: how many items it has published.
-    """
-    CREATE TABLE IF NOT EXISTS positions (
-        key TEXT PRIMARY KEY,
-        position INTEGER NOT NULL
-    ) WITHOUT ROWID
-    """,
-)
-
-_EXTEND_HELD_SQL = "UPDATE messages SET visible_at = ? WHERE id = ? AND owner = ?"
-
-
-class SQLiteStream:
+class SQLiteStream(ConnectionMixin):
     """Durable queues in one SQLite file, shared by the processes of one machine.
 
     `path` is the database file; its folder and schema are created when
@@ -517,116 +476,6 @@ class SQLiteStream:
                 logger.exception("closing SQLite stream %s failed", self.path)
         logger.debug("SQLite stream closed path=%s owner=%s", self.path, self.owner)
 
-    def _connect(self) -> sqlite3.Connection:
-        folder = os.path.dirname(self.path)
-        if folder:
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except OSError as exc:
-                raise StreamError(
-                    f"cannot create the folder {folder!r} of SQLite stream "
-                    f"{self.path!r}: {exc.strerror}"
-                ) from exc
-
-        connection = self._retry_busy(
-            "open",
-            lambda: sqlite3.connect(
-                self.path,
-                timeout=min(BUSY_TIMEOUT_S, self.busy_retry_s),
-                isolation_level=None,
-                check_same_thread=False,
-            ),
-        )
-        try:
-            self._configure(connection)
-        except BaseException:
-            connection.close()
-            raise
-        return connection
-
-    def _configure(self, connection: sqlite3.Connection) -> None:
-        mode = self._retry_busy(
-            "enable WAL mode",
-            lambda: connection.execute("PRAGMA journal_mode=WAL").fetchone()[0],
-        )
-        if mode != "wal":
-            raise StreamError(
-                f"SQLite stream {self.path!r} cannot use WAL mode "
-                f"(journal_mode={mode!r}); put the file on a local disk"
-            )
-        # In WAL mode, NORMAL commits without fsync and syncs at checkpoints.
-        # A committed message survives the crash of any process, which is what
-        # the engine needs, but the last commits can be lost on power loss or
-        # an OS crash.
-        connection.execute("PRAGMA synchronous=NORMAL")
-
-        def create_schema(connection: sqlite3.Connection) -> None:
-            for statement in _SCHEMA:
-                connection.execute(statement)
-
-        # Several processes may open a new file at once. The statements are
-        # idempotent, and the write lock makes them run one process at a time.
-        self._retry_busy(
-            "create schema", lambda: _run_transaction(connection, create_schema)
-        )
-
-    def _write(self, action: str, body: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `body` in one write transaction, retried while the file is busy."""
-        with self._lock:
-            self._check_usable()
-            return self._retry_busy(
-                action, lambda: _run_transaction(self._connection, body)
-            )
-
-    def _read(self, action: str, sql: str, parameters: Sequence[object]) -> list[tuple]:
-        with self._lock:
-            self._check_usable()
-            return self._retry_busy(
-                action, lambda: self._connection.execute(sql, parameters).fetchall()
-            )
-
-    def _retry_busy(self, action: str, operation: Callable[[], T]) -> T:
-        """Run `operation`, retrying with backoff while the file is locked.
-
-        Raises `StreamUnavailableError` once `busy_retry_s` has passed, and
-        wraps every other SQLite error in `StreamError`.
-        """
-        deadline = time.monotonic() + self.busy_retry_s
-        pause_s = 0.01
-        attempts = 1
-        while True:
-            try:
-                return operation()
-            except sqlite3.Error as exc:
-                if not _is_busy(exc):
-                    raise StreamError(
-                        f"{action} failed on SQLite stream {self.path!r}: {exc}"
-                    ) from exc
-                if time.monotonic() + pause_s > deadline:
-                    raise StreamUnavailableError(
-                        f"{action} failed on SQLite stream {self.path!r}: the file "
-                        f"stayed locked after {attempts} attempts in "
-                        f"{self.busy_retry_s:g} s ({exc}); another process holds "
-                        "a long write transaction, retry later"
-                    ) from exc
-            logger.debug("%s found %s locked, attempt %d", action, self.path, attempts)
-            # Jitter keeps processes that collided from retrying in step.
-            time.sleep(pause_s * random.uniform(0.5, 1.0))
-            pause_s = min(pause_s * 2, 1.0)
-            attempts += 1
-
-    def _check_usable(self) -> None:
-        if self._is_closed:
-            raise StreamError(
-                f"SQLite stream {self.path!r} is closed; open a new stream"
-            )
-        if os.getpid() != self._pid:
-            raise StreamError(
-                f"SQLite stream {self.path!r} was opened in process {self._pid} "
-                f"and cannot be used in process {os.getpid()}; open a stream "
-                "in each process after it starts"
-            )
-
     def _has_visible(self, names: list[str]) -> bool:
         placeholders = ", ".join("?" * len(names))
         now = time.time()
@@ -757,109 +606,8 @@ class SQLiteStream:
             )
 
 
-def _run_transaction(
-    connection: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]
-) -> T:
-    # IMMEDIATE takes the write lock up front. A deferred transaction that
-    # reads first and then writes can fail as busy with no wait at all, when
-    # another process committed in between.
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        result = body(connection)
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:
-            try:
-                connection.execute("ROLLBACK")
-            except sqlite3.Error:
-                logger.debug("rollback failed after an error", exc_info=True)
-        raise
-    return result
-
-
-@functools.lru_cache(maxsize=16)
-def _claim_query(queue_count: int, is_pulled: bool) -> str:
-    """Build the query that selects the next visible messages of the queues.
-
-    With `is_pulled`, it selects those that were pulled and whose lease
-    expired, else those that no process has pulled.
-
-    Each queue gets its own subquery so that each walks the index in order
-    and stops at the limit, and the union is then cut to the same limit. The
-    query of one queue takes its 3 parameters, the union one more: the limit.
-    """
-    owner = "owner IS NOT NULL" if is_pulled else "owner IS NULL"
-    one_queue = (
-        "SELECT id, queue, body, delivery_count, owner, visible_at FROM messages "
-        f"WHERE queue = ? AND {owner} AND visible_at <= ? "
-        "ORDER BY visible_at, id LIMIT ?"
-    )
-    if queue_count == 1:
-        # Without the union, SQLite reads the rows in the index's order and
-        # needs no sort: this takes about half the time.
-        return one_queue
-    union = " UNION ALL ".join(
-        f"SELECT * FROM ({one_queue})" for _ in range(queue_count)
-    )
-    return f"{union} ORDER BY visible_at, id LIMIT ?"
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    # The low byte of an extended result code is its primary code.
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in _BUSY_CODES
-    message = str(exc)
-    return "locked" in message or "busy" in message
-
-
 class _LeaseLost(Exception):
     """Rolls back a settle whose deliveries this owner no longer owns."""
-
-
-# Ids per statement, well under SQLite's limit of 32,766 parameters.
-_IDS_PER_STATEMENT = 500
-
-
-# Rows per INSERT statement at most. One statement of many rows costs about
-# half as much per row as executemany, which runs the statement once per row.
-# Statements of 1, 2, 4, ... rows up to this many keep the number of distinct
-# statements small, so that they stay in the connection's statement cache, and
-# their parameters under the 999 of old SQLite builds.
-_ROWS_PER_INSERT = 256
-
-
-def _insert(
-    connection: sqlite3.Connection,
-    messages: Sequence[tuple[str, bytes]],
-    visible_at: float,
-) -> None:
-    """Insert `(queue, body)` pairs as new messages visible from `visible_at`."""
-    start = 0
-    size = _ROWS_PER_INSERT
-    while start < len(messages):
-        while size > len(messages) - start:
-            size //= 2
-        parameters: list[object] = []
-        for queue, body in messages[start : start + size]:
-            parameters += (queue, body, visible_at)
-        connection.execute(_insert_sql(size), parameters)
-        start += size
-
-
-@functools.lru_cache(maxsize=16)
-def _insert_sql(row_count: int) -> str:
-    values = ", ".join(["(?, ?, ?)"] * row_count)
-    return f"INSERT INTO messages (queue, body, visible_at) VALUES {values}"
-
-
-def _chunks(ids: list[int]) -> Iterator[list[int]]:
-    for start in range(0, len(ids), _IDS_PER_STATEMENT):
-        yield ids[start : start + _IDS_PER_STATEMENT]
-
-
-def _marks(count: int) -> str:
-    return ", ".join("?" * count)
 
 
 def _checked_messages(
