@@ -9,13 +9,17 @@ import secrets
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.api import ControlAPI
 from engine.errors import EngineError
 from engine.loader import load_pipeline
 from engine.master import Master, TypeState
 from engine.run import lock_stream, run_hook
-from engine.streams import open_stream
+from engine.streams import open_stream, redact_url
+
+if TYPE_CHECKING:
+    from engine.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +152,7 @@ def serve_master(
             if master.has_nodes(pipeline.name):
                 master.resume_pipeline(pipeline.name)
                 continue
+            _reject_leftover_items(stream_url, pipeline)
             for hook in pipeline.start_hooks:
                 run_hook(hook, params, "on_start", pipeline.name)
             master.start_pipeline(pipeline.name)
@@ -184,6 +189,30 @@ def serve_master(
     if is_done and _count_failed_items(stream_url, [p for p, _ in pipelines]):
         return 3
     return 0
+
+
+def _reject_leftover_items(stream_url: str, pipeline: Pipeline) -> None:
+    """Raise when the edge queues of a pipeline that starts anew hold items.
+
+    Such items come from an earlier run whose master and workers all stopped
+    before it finished. A new run would process them beside the items that
+    its sources publish again, so they would count twice.
+    """
+    stream = open_stream(stream_url, owner=f"engine-master-{os.getpid()}")
+    try:
+        stream.declare(pipeline.data_queues())
+        leftover = sum(stream.depths(pipeline.data_queues()).values())
+    finally:
+        stream.close()
+    if leftover:
+        raise EngineError(
+            f"stream {redact_url(stream_url)} contains {leftover} items of "
+            f"pipeline {pipeline.name!r} left by an earlier run that did not "
+            "finish, and no worker reports nodes of that run to continue; "
+            "finish that run on this host with engine run PIPELINE_FILE --stream "
+            "URL --resume, or start a new run there with --purge, which deletes "
+            "them first"
+        )
 
 
 def _count_failed_items(stream_url: str, pipelines: list) -> int:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.items import encode
+from engine.streams import open_stream
 from tests.end_to_end.conftest import engine_command, run_engine
 from tests.helpers import wait_for
 
@@ -348,3 +350,50 @@ def test_fail_queue_reads_running_master_stream(tmp_path: Path) -> None:
     assert listed.returncode == 0, listed.stderr
     assert "2 failed items in picky.invert-fail" in listed.stdout
     assert not (master_folder / ".monomyth" / "picky.db").exists()
+
+
+LEFTOVER = """
+from engine import Pipeline
+
+pipeline = Pipeline("leftover")
+
+
+@pipeline.source()
+def numbers():
+    yield from range(3)
+
+
+@pipeline.sink(after="numbers")
+def drop(number):
+    pass
+"""
+
+
+def test_master_rejects_items_of_unfinished_run(tmp_path: Path) -> None:
+    (tmp_path / "leftover.py").write_text(LEFTOVER)
+    stream_url = f"sqlite:///{tmp_path / 'cluster.db'}"
+    stream = open_stream(stream_url, owner="test")
+    stream.declare(["leftover.numbers-to-drop"])
+    envelope = {"id": "numbers:0", "attempt": 1, "payload": 0}
+    stream.publish([("leftover.numbers-to-drop", encode(envelope, "json"))])
+    stream.close()
+
+    result = run_engine(
+        "master",
+        "leftover.py",
+        "--bind",
+        f"127.0.0.1:{free_port()}",
+        "--api",
+        "off",
+        "--workers",
+        "0",
+        "--exit-when-done",
+        "--stream",
+        stream_url,
+        cwd=tmp_path,
+        timeout_s=30,
+    )
+
+    assert result.returncode == 1
+    assert "contains 1 items of pipeline 'leftover'" in result.stderr
+    assert "--resume" in result.stderr
