@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from engine._runtime_counters import BATCHES, ITEMS_IN
+from engine._runtime_counters import BATCH_IN_FLIGHT, BATCHES, ITEMS_IN
 from engine.errors import EngineError
 from engine.items import DecodingError, EncodingError, decode, derived_item_id, encode
 from engine.recipe import Output
@@ -44,11 +44,18 @@ class BatchMixin:
 
         self.counters[ITEMS_IN] += len(deliveries)
         self.lease_keeper.deliveries = deliveries
-        # A redelivered batch may hold the item that killed the last process:
-        # take it one item at a time, so that a death names its item.
-        is_suspect = any(delivery.is_redelivered for delivery in deliveries)
+        # After a process of this node died in a batched call, a redelivered
+        # batch may hold the item that killed it: take such a batch one item
+        # at a time, so that a death names its item. Items redelivered after
+        # a stop or a lost connection are no suspects.
+        has_batch_died = BATCH_IN_FLIGHT in self.launch.crash_counts
+        is_suspect = has_batch_died and any(
+            delivery.is_redelivered for delivery in deliveries
+        )
         if self.spec.is_batched and not is_suspect:
+            self._mark_in_flight(BATCH_IN_FLIGHT)
             self._call_batched(envelopes, batch)
+            self._mark_in_flight("")
         else:
             for delivery, envelope in envelopes:
                 if self._has_crashed_too_often(delivery, envelope, batch):

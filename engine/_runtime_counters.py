@@ -49,6 +49,10 @@ COUNTER_SLOTS = BATCH_DURATION_COUNTS + len(BATCH_DURATION_BUCKETS_S) + 1
 # Size of the shared memory that contains the id of the item in flight.
 IN_FLIGHT_BYTES = 256
 
+# The in-flight mark of a whole batch passed to a batched node at once. No
+# item id has this form, so the worker counts such a death against the batch.
+BATCH_IN_FLIGHT = "<batch>"
+
 
 def counters_to_stats(counters: Sequence[int]) -> dict[str, Any]:
     """Return the shared counters of a node process as a dict.

@@ -29,6 +29,7 @@ from engine.errors import EngineError, RecipeError
 from engine.forkserver import start_forkserver
 from engine.recipe import read_header
 from engine.runtime import (
+    BATCH_IN_FLIGHT,
     COUNTER_NAMES,
     COUNTER_SLOTS,
     IN_FLIGHT_BYTES,
@@ -295,6 +296,14 @@ class NodeSupervisionMixin:
         counts = self.crash_counts.setdefault(node.node_type, {})
         counts[item_id] = counts.get(item_id, 0) + 1
         node.last_crash = exit_text
+        if item_id == BATCH_IN_FLIGHT:
+            logger.warning(
+                "node %s died (%s) while processing a batch; its redelivered "
+                "batches are taken one item at a time from now on",
+                node.node_id,
+                exit_text,
+            )
+            return
         logger.warning(
             "node %s died (%s) while processing item %s; deaths with this item: %d",
             node.node_id,

@@ -1431,3 +1431,106 @@ def test_fail_queue_lists_pickled_item(tmp_path, write_pipeline) -> None:
     assert "?  pickled item of " in listed.stdout
     assert "attempts=" not in listed.stdout
     assert "1 failed items in pickled.reject_one-fail" in listed.stdout
+
+
+# A batched transform that records the size of every call it gets.
+SLOW_BATCHES = """
+import time
+
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("slowbatch", params={"output": "out.jsonl", "sizes": "sizes.txt"})
+
+
+@pipeline.source(batch_size=100)
+def numbers():
+    yield from range(600)
+
+
+@pipeline.transform(after="numbers", batched=True, batch_size=10)
+def wait(numbers, ctx):
+    with open(ctx.params["sizes"], "a") as sizes:
+        sizes.write(f"{len(numbers)}\\n")
+    time.sleep(0.05)
+    return numbers
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="wait")
+"""
+
+
+def test_resume_keeps_batching_redelivered_items(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(SLOW_BATCHES)
+    output = tmp_path / "out.jsonl"
+    sizes = tmp_path / "sizes.txt"
+    process = subprocess.Popen(
+        [engine_command(), "run", str(pipeline)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: output.exists() and len(output.read_text().splitlines()) >= 50,
+            timeout_s=60,
+            what="50 items written by the sink",
+        )
+        # Two interrupts kill the nodes while they hold leased items.
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    sizes.write_text("")
+
+    resumed = run_engine("run", str(pipeline), "--resume", cwd=tmp_path)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert {int(n) for n in output.read_text().split()} == set(range(600))
+    # No process died in a batched call, so the items delivered again after
+    # the interrupt are no suspects and stay in batches.
+    calls = [int(n) for n in sizes.read_text().split()]
+    assert calls.count(1) <= 1, calls
+
+
+# A batched transform whose batch with item 13 kills its process.
+BATCH_POISON = """
+import os
+import signal
+
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("batchpoison", params={"output": "out.jsonl"})
+
+
+@pipeline.source()
+def numbers():
+    yield from range(50)
+
+
+@pipeline.transform(after="numbers", batched=True, batch_size=10, retries=1)
+def fragile(numbers):
+    if 13 in numbers:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return numbers
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="fragile")
+"""
+
+
+def test_batched_poison_item_ends_in_fail_queue(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(BATCH_POISON)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path)
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output
+    assert "died (signal 9 (SIGKILL)) while processing a batch" in output
+    written = sorted(int(n) for n in (tmp_path / "out.jsonl").read_text().split())
+    assert written == [n for n in range(50) if n != 13]
+    listed = run_engine("fail-queue", "list", "batchpoison.fragile", cwd=tmp_path)
+    assert "numbers:13  attempts=2  NodeProcessDiedError" in listed.stdout
