@@ -145,6 +145,8 @@ def serve_master(
         if min_workers and pipelines:
             logger.info("waiting for %d workers to join", min_workers)
             if not master.wait_workers(min_workers, stop):
+                # Stopped while it waited: the workers that joined stop too.
+                master.shutdown_workers(drain_timeout_s=60.0)
                 return 0
         for pipeline, params in pipelines:
             # Workers that kept running while the master was away report

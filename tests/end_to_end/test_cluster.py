@@ -676,6 +676,27 @@ def test_sigterm_drains_worker(tmp_path: Path, cluster, write_pipeline) -> None:
     assert len(written) + pending == 3000
 
 
+def test_master_stopped_waiting_stops_workers(
+    tmp_path: Path, cluster, write_pipeline
+) -> None:
+    pipeline = write_pipeline(DRAINING)
+    master = cluster.start_master(
+        str(pipeline), "--stream", f"sqlite:///{tmp_path}/stream.db", "--workers", "2"
+    )
+    worker = cluster.start_worker("worker-a")
+    wait_for(
+        lambda: "worker worker-1 joined" in cluster.output(),
+        timeout_s=30,
+        what="the first of two workers joined",
+    )
+
+    # The master waits for a second worker that never comes.
+    master.send_signal(signal.SIGTERM)
+
+    assert master.wait(timeout=60) == 0, cluster.output()
+    assert worker.wait(timeout=60) == 0, cluster.output()
+
+
 FAILING_ITEMS = """
 from engine import Pipeline
 
