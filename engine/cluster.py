@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.api import ControlAPI
+from engine.discovery import write_stream_record
 from engine.errors import EngineError
 from engine.loader import load_pipeline
 from engine.master import Master, TypeState
@@ -107,6 +108,8 @@ def serve_master(
         pipeline.check()
         pipelines.append((pipeline, pipeline.resolve_params(_own(pipeline, overrides))))
     stream_url = absolute_stream_url(stream_url)
+    for pipeline, _ in pipelines:
+        write_stream_record(pipeline.name, stream_url)
     # Held until this process ends: no engine run may share the stream file.
     locks = [lock_stream(stream_url, pipeline.name) for pipeline, _ in pipelines]
     key = ensure_secret(host, secret, secret_file)

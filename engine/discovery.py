@@ -111,6 +111,26 @@ class DiscoveryFile:
             self.path.unlink()
 
 
+def write_stream_record(pipeline: str, stream_url: str) -> None:
+    """Store the stream URL of the latest run of `pipeline` in this folder.
+
+    `engine fail-queue` reads it after the run or master has ended, when no
+    discovery file names the stream any more. The file is private to its
+    user, because the URL may hold a password.
+    """
+    CONTROL_FOLDER.mkdir(parents=True, exist_ok=True)
+    _write_private(CONTROL_FOLDER / f"{pipeline}.stream", stream_url.encode() + b"\n")
+
+
+def read_stream_record(pipeline: str) -> str | None:
+    """Return the stream URL that `write_stream_record` stored, or None."""
+    try:
+        text = (CONTROL_FOLDER / f"{pipeline}.stream").read_text().strip()
+    except OSError:
+        return None
+    return text or None
+
+
 def is_process_alive(pid: object) -> bool:
     """Return True when `pid`, as read from a discovery file, names a process."""
     if not isinstance(pid, int) or pid <= 0:

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from engine.discovery import DISCOVERY_FILE, is_process_alive
+from engine.discovery import DISCOVERY_FILE, is_process_alive, read_stream_record
 from engine.errors import EngineError
 from engine.streams import Delivery, Stream, open_stream, redact_url
 
@@ -41,9 +41,10 @@ def default_stream(node: str) -> str:
 
     That is the stream of the master or run whose discovery file in
     `.monomyth/` names the pipeline, while that process runs. Otherwise it is
-    the file that `engine run` uses, `.monomyth/<pipeline>.db`, which must
-    exist: opening a missing one would create an empty stream and report no
-    failed items.
+    the stream of the pipeline's latest run from this folder, as
+    `.monomyth/<pipeline>.stream` records it, else the file that `engine run`
+    uses, `.monomyth/<pipeline>.db`, which must exist: opening a missing one
+    would create an empty stream and report no failed items.
     """
     pipeline = node.split(".", 1)[0]
     discovery = _running_discovery()
@@ -51,6 +52,9 @@ def default_stream(node: str) -> str:
         stream_url = discovery.get("stream")
         if isinstance(stream_url, str) and stream_url:
             return stream_url
+    recorded = read_stream_record(pipeline)
+    if recorded is not None:
+        return recorded
     path = Path(".monomyth") / f"{pipeline}.db"
     if not path.exists():
         raise EngineError(

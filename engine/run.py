@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.discovery import write_stream_record
 from engine.errors import EngineError, ParameterError
 from engine.loader import load_pipeline
 from engine.master import Master, TypeState
@@ -128,6 +129,7 @@ class LocalRun:
     def execute(self) -> RunOutcome:
         """Run the pipeline to its end and print the summary."""
         self._lock_stream()
+        write_stream_record(self.pipeline.name, self.stream_url)
         stream = open_stream(self.stream_url, owner="engine-run")
         try:
             self._prepare_queues(stream)

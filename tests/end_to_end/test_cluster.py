@@ -731,3 +731,8 @@ def test_master_with_failed_items_exits_3(
 
     assert master.wait(timeout=120) == 3, cluster.output()
     assert "2 failed items kept in queue picky.invert-fail" in cluster.output()
+
+    # The master has ended, and the command still finds its stream.
+    listed = run_engine("fail-queue", "list", "picky.invert", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "2 failed items in picky.invert-fail" in listed.stdout
