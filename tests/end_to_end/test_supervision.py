@@ -813,12 +813,14 @@ def test_node_over_memory_limit_recycled(tmp_path, write_pipeline) -> None:
     assert written == list(range(60))
 
 
-def test_resume_after_killed_nodes_finishes(tmp_path, write_pipeline) -> None:
-    pipeline = write_pipeline(SLOW)
-    output = tmp_path / "out.jsonl"
+def kill_nodes_mid_run(pipeline: Path, output: Path) -> None:
+    """Run `pipeline` until its sink wrote 50 items, then press Ctrl-C twice.
+
+    The second interrupt kills the nodes while they hold leased items.
+    """
     process = subprocess.Popen(
         [engine_command(), "run", str(pipeline)],
-        cwd=tmp_path,
+        cwd=pipeline.parent,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -828,13 +830,18 @@ def test_resume_after_killed_nodes_finishes(tmp_path, write_pipeline) -> None:
             timeout_s=60,
             what="50 items written by the sink",
         )
-        # Two interrupts kill the nodes while they hold leased items.
         process.send_signal(signal.SIGINT)
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_resume_after_killed_nodes_finishes(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(SLOW)
+    output = tmp_path / "out.jsonl"
+    kill_nodes_mid_run(pipeline, output)
 
     resumed = run_engine("run", str(pipeline), "--resume", cwd=tmp_path)
 
@@ -1464,25 +1471,7 @@ def test_resume_keeps_batching_redelivered_items(tmp_path, write_pipeline) -> No
     pipeline = write_pipeline(SLOW_BATCHES)
     output = tmp_path / "out.jsonl"
     sizes = tmp_path / "sizes.txt"
-    process = subprocess.Popen(
-        [engine_command(), "run", str(pipeline)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(
-            lambda: output.exists() and len(output.read_text().splitlines()) >= 50,
-            timeout_s=60,
-            what="50 items written by the sink",
-        )
-        # Two interrupts kill the nodes while they hold leased items.
-        process.send_signal(signal.SIGINT)
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    kill_nodes_mid_run(pipeline, output)
     sizes.write_text("")
 
     resumed = run_engine("run", str(pipeline), "--resume", cwd=tmp_path)
