@@ -21,6 +21,29 @@ MAP_REDUCE_LOCK = 0x6D6D_6D61_7072_6564
 # pytest-timeout, so a test stuck behind a lost lock holder fails clearly.
 LOCK_TIMEOUT = "100s"
 
+# Pipeline "picky": its transform fails on 0 and 5 of ten numbers, with no retry.
+PICKY_PIPELINE = """
+from engine import Pipeline
+
+
+pipeline = Pipeline("picky", params={})
+
+
+@pipeline.source()
+def numbers():
+    yield from range(10)
+
+
+@pipeline.transform(after="numbers", retries=0)
+def invert(number):
+    return 1 / (number % 5)
+
+
+@pipeline.sink(after="invert")
+def drop(value):
+    pass
+"""
+
 
 def engine_command() -> str:
     """Return the path of the installed `engine` console script."""

@@ -17,7 +17,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.end_to_end.conftest import EXAMPLES, engine_command, run_engine
+from tests.end_to_end.conftest import (
+    EXAMPLES,
+    PICKY_PIPELINE,
+    engine_command,
+    run_engine,
+)
 from tests.end_to_end.test_wordcount import expected_counts, make_corpus, read_counts
 from tests.end_to_end.test_wordcount_postgres import (
     read_counts as read_postgres_counts,
@@ -697,33 +702,10 @@ def test_master_stopped_waiting_stops_workers(
     assert worker.wait(timeout=60) == 0, cluster.output()
 
 
-FAILING_ITEMS = """
-from engine import Pipeline
-
-
-pipeline = Pipeline("picky", params={})
-
-
-@pipeline.source()
-def numbers():
-    yield from range(10)
-
-
-@pipeline.transform(after="numbers", retries=0)
-def invert(number):
-    return 1 / (number % 5)
-
-
-@pipeline.sink(after="invert")
-def drop(value):
-    pass
-"""
-
-
 def test_master_with_failed_items_exits_3(
     tmp_path: Path, cluster, vhost, write_pipeline
 ) -> None:
-    pipeline = write_pipeline(FAILING_ITEMS)
+    pipeline = write_pipeline(PICKY_PIPELINE)
     master = cluster.start_master(
         str(pipeline), "--stream", amqp_url(vhost), "--exit-when-done"
     )

@@ -14,7 +14,7 @@ import pytest
 
 from engine.items import encode
 from engine.streams import open_stream
-from tests.end_to_end.conftest import engine_command, run_engine
+from tests.end_to_end.conftest import PICKY_PIPELINE, engine_command, run_engine
 from tests.helpers import wait_for
 
 # Runs until interrupted: the source counts forever, slowly.
@@ -286,32 +286,9 @@ def test_master_invalid_api_address_is_usage_error(tmp_path: Path) -> None:
     assert "invalid address 'nowhere'" in result.stderr
 
 
-FAILING = """
-from engine import Pipeline
-
-
-pipeline = Pipeline("picky", params={})
-
-
-@pipeline.source()
-def numbers():
-    yield from range(10)
-
-
-@pipeline.transform(after="numbers", retries=0)
-def invert(number):
-    return 1 / (number % 5)
-
-
-@pipeline.sink(after="invert")
-def drop(value):
-    pass
-"""
-
-
 def test_fail_queue_reads_running_master_stream(tmp_path: Path) -> None:
     pipeline = tmp_path / "picky.py"
-    pipeline.write_text(FAILING)
+    pipeline.write_text(PICKY_PIPELINE)
     stream_url = f"sqlite:///{tmp_path / 'elsewhere' / 'picky.db'}"
     run = run_engine("run", str(pipeline), "--stream", stream_url, cwd=tmp_path)
     assert run.returncode == 3, run.stderr
