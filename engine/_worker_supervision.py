@@ -321,8 +321,7 @@ class NodeSupervisionMixin:
         now = time.monotonic()
         while node.restart_times and now - node.restart_times[0] > window_s:
             node.restart_times.popleft()
-        signal_number = -exitcode if exitcode is not None and exitcode < 0 else None
-        exit_code = exitcode if exitcode is not None and exitcode >= 0 else None
+
         if len(node.restart_times) >= max_restarts:
             logger.error(
                 "node %s failed: %d restarts within %.0f s; giving up. Last error: %s",
@@ -331,17 +330,7 @@ class NodeSupervisionMixin:
                 window_s,
                 node.last_error,
             )
-            self._send(
-                mmop.NodeExited(
-                    worker_id=self.worker_id,
-                    node_id=node.node_id,
-                    node_type=node.node_type,
-                    exit_code=exit_code,
-                    signal=signal_number,
-                    will_restart=False,
-                    restart_in_s=0.0,
-                )
-            )
+            self._send_exited(node, exitcode, restart_in_s=None)
             node.state = NodeState.FAILED
             self._send(
                 mmop.NodeFailed(
@@ -353,6 +342,7 @@ class NodeSupervisionMixin:
                 )
             )
             return
+
         backoff_s = min(
             RESTART_BACKOFF_S * 2 ** len(node.restart_times), MAX_RESTART_BACKOFF_S
         )
@@ -371,15 +361,22 @@ class NodeSupervisionMixin:
             window_s,
             recovered,
         )
+        self._send_exited(node, exitcode, restart_in_s=backoff_s)
+
+    def _send_exited(
+        self, node: ManagedNode, exitcode: int | None, restart_in_s: float | None
+    ) -> None:
+        """Report NODE-EXITED; `restart_in_s` is None when no restart follows."""
+        is_signal = exitcode is not None and exitcode < 0
         self._send(
             mmop.NodeExited(
                 worker_id=self.worker_id,
                 node_id=node.node_id,
                 node_type=node.node_type,
-                exit_code=exit_code,
-                signal=signal_number,
-                will_restart=True,
-                restart_in_s=backoff_s,
+                exit_code=None if is_signal else exitcode,
+                signal=-exitcode if is_signal else None,
+                will_restart=restart_in_s is not None,
+                restart_in_s=restart_in_s or 0.0,
             )
         )
 
