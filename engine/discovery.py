@@ -87,28 +87,31 @@ class DiscoveryFile:
 
     def _live_owner(self) -> int | None:
         """Return the PID in the file if it names another running process."""
-        try:
-            content = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-        pid = content.get("pid") if isinstance(content, dict) else None
+        content = read_discovery(self.path) or {}
+        pid = content.get("pid")
         if pid == os.getpid() or not is_process_alive(pid):
             return None
         return pid
 
     def remove(self) -> None:
         """Delete both files if this process wrote them last."""
-        try:
-            content = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return
-        if not isinstance(content, dict) or content.get("pid") != os.getpid():
+        content = read_discovery(self.path)
+        if content is None or content.get("pid") != os.getpid():
             return
         with contextlib.suppress(OSError):
             if self.token and self.token_path.read_bytes().strip() == self.token:
                 self.token_path.unlink()
         with contextlib.suppress(OSError):
             self.path.unlink()
+
+
+def read_discovery(path: Path = DISCOVERY_FILE) -> dict | None:
+    """Return the JSON object of a discovery file, or None if missing or invalid."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
 
 
 def write_stream_record(pipeline: str, stream_url: str) -> None:

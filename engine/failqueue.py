@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from engine.discovery import DISCOVERY_FILE, is_process_alive, read_stream_record
+from engine.discovery import is_process_alive, read_discovery, read_stream_record
 from engine.errors import EngineError
 from engine.streams import Delivery, Stream, open_stream, redact_url
 
@@ -66,11 +66,8 @@ def default_stream(node: str) -> str:
 
 
 def _running_discovery() -> dict | None:
-    try:
-        content = json.loads(DISCOVERY_FILE.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(content, dict) or not is_process_alive(content.get("pid")):
+    content = read_discovery()
+    if content is None or not is_process_alive(content.get("pid")):
         return None
     return content
 
