@@ -44,6 +44,7 @@ class PlacementMixin:
         recipes = {
             name: build_recipe(pipeline, name, params) for name in pipeline.nodes
         }
+        digest = params_digest(params)
         with self.lock:
             if pipeline.name in self.pipelines:
                 raise EngineError(
@@ -65,7 +66,7 @@ class PlacementMixin:
                         pipeline.node_type(n) for n in pipeline.downstream(name)
                     ],
                     input_queues=pipeline.input_queues(name),
-                    params_digest=params_digest(params),
+                    params_digest=digest,
                 )
                 names.append(node_type)
             self.pipelines[pipeline.name] = names
