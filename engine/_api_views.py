@@ -1,6 +1,6 @@
 """The JSON endpoints of `ControlAPI`: status, queues, graph and node control.
 
-`ViewsMixin` holds the handlers of the endpoints that read or change the
+`ViewsMixin` contains the handlers of the endpoints that read or change the
 master's state, and the checks of their request bodies. A handler returns a
 `Reply`, or raises `RequestError` for a request that it rejects.
 """

@@ -1,7 +1,7 @@
 """The nodes of a pipeline: their settings, specs and edges.
 
-`NodeSettings` holds a node's batching, processes, retries and supervision
-and checks them. The functions below `NodeSpec` check the shape of a
+`NodeSettings` contains a node's batching, processes, retries and
+supervision, and checks them. The functions below `NodeSpec` check the shape of a
 declared node: its name, its `after=` and the signature of its function.
 """
 

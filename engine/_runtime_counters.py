@@ -1,7 +1,7 @@
 """The memory that a node process shares with its worker, and its counters.
 
 The counters of a node live in a RawArray that the worker allocates and
-reads at any time, even after the process died; the id of the item in
+reads at any time, even after the process died. The id of the item in
 flight lives in a second array of IN_FLIGHT_BYTES bytes.
 """
 

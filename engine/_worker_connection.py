@@ -1,6 +1,6 @@
 """The connection of a worker to its master: register, read, send, reconnect.
 
-A reader thread puts the master's frames in the worker's inbox; reports
+A reader thread puts the master's frames in the worker's inbox. Reports
 sent while the master is away wait in the outbox and go out after the
 worker registers again.
 """

@@ -1,7 +1,8 @@
 """The reports of a worker on its nodes: the heartbeat and each node's report.
 
-A node report holds the node's state, restarts, counters, CPU and memory;
-the heartbeat adds the worker's own CPU and memory to those of its nodes.
+A node report contains the node's state, restarts, counters, CPU and
+memory. The heartbeat adds the worker's own CPU and memory to those of its
+nodes.
 """
 
 from __future__ import annotations

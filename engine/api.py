@@ -23,7 +23,7 @@ API without options. `close` stops the server and removes those files.
 `ControlAPI` is assembled from mixins in private modules, one concept each:
 `_api_views` (the JSON endpoints), `_api_dashboard` (the dashboard's files
 and `/metrics`) and `_api_server` (the routes, the HTTP server and the
-request handler). `engine.discovery` holds the discovery files.
+request handler). `engine.discovery` reads and writes the discovery files.
 """
 
 from __future__ import annotations

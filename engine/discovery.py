@@ -17,8 +17,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_API_PORT = 7601
 
-# The environment variable that holds the cluster secret, which is also the
-# control API's token.
+# The environment variable that contains the cluster secret, which is also
+# the control API's token.
 SECRET_VARIABLE = "MONOMYTH_SECRET"
 
 CONTROL_FOLDER = Path(".monomyth")

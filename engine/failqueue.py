@@ -42,9 +42,10 @@ def default_stream(node: str) -> str:
     That is the stream of the master or run whose discovery file in
     `.monomyth/` names the pipeline, while that process runs. Otherwise it is
     the stream of the pipeline's latest run from this folder, as
-    `.monomyth/<pipeline>.stream` records it, else the file that `engine run`
-    uses, `.monomyth/<pipeline>.db`, which must exist: opening a missing one
-    would create an empty stream and report no failed items.
+    `.monomyth/<pipeline>.stream` records it. Without that record it is the
+    file that `engine run` uses, `.monomyth/<pipeline>.db`, which must exist,
+    because opening a missing one would create an empty stream and report no
+    failed items.
     """
     pipeline = node.split(".", 1)[0]
     discovery = _running_discovery()

@@ -503,7 +503,7 @@ class Master(PlacementMixin, StatsMixin):
         """Declare lost the worker whose process `pid` exited, without waiting.
 
         Its nodes are queued for the other workers and the next one to join.
-        For `engine run`, which sees its own worker exit.
+        For `engine run`, which notices when its own worker exits.
         """
         with self.lock:
             for worker in self.workers.values():

@@ -286,7 +286,7 @@ def test_worker_without_master_exits_clearly(tmp_path: Path, secret_file) -> Non
 
 
 def test_worker_silent_master_exits_at_timeout(tmp_path: Path, secret_file) -> None:
-    # A listener that accepts and never answers, as a port of another service.
+    # A listener that accepts and never replies, as a port of another service.
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
 
