@@ -1,7 +1,8 @@
 """The processing of one batch: decode, call the node function, settle.
 
 The results and the failure records of a batch, and the ack of its
-inputs, commit in one `settle` of the stream.
+inputs, commit in one `settle` of the stream. The results on each edge
+travel packed, several items to a message.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from engine._runtime_counters import BATCH_IN_FLIGHT, BATCHES, ITEMS_IN
 from engine.errors import EngineError
-from engine.items import DecodingError, EncodingError, decode, derived_item_id, encode
+from engine.items import (
+    DecodingError,
+    EncodingError,
+    derived_item_id,
+    encode,
+    pack,
+    unpack,
+)
 from engine.recipe import Output
 
 if TYPE_CHECKING:
@@ -28,12 +36,11 @@ class BatchMixin:
     """
 
     def _process_batch(self, deliveries: list[Delivery]) -> None:
-        serializer = self.recipe.serializer
         batch = _Batch()
         envelopes: list[tuple[Delivery, dict[str, Any]]] = []
         for delivery in deliveries:
             try:
-                envelopes.append((delivery, decode(delivery.body, serializer)))
+                unpacked = self._unpack(delivery)
             except DecodingError as exc:
                 envelope = {
                     "id": f"undecodable:{delivery.delivery_id}",
@@ -41,8 +48,10 @@ class BatchMixin:
                     "payload": delivery.body.decode("utf-8", "replace"),
                 }
                 self._fail(envelope, delivery, exc, batch, retry=False)
+                continue
+            envelopes.extend((delivery, envelope) for envelope in unpacked)
 
-        self.counters[ITEMS_IN] += len(deliveries)
+        self.counters[ITEMS_IN] += len(envelopes)
         self.lease_keeper.deliveries = deliveries
         # After a process of this node died in a batched call, a redelivered
         # batch may hold the item that killed it: take such a batch one item
@@ -54,7 +63,11 @@ class BatchMixin:
         )
         if self.spec.is_batched and not is_suspect:
             self._mark_in_flight(BATCH_IN_FLIGHT)
-            self._call_batched(envelopes, batch)
+            # Messages may hold more items than the batch size in all; the
+            # function never gets more than batch_size at once.
+            size = self.spec.settings.batch_size
+            for start in range(0, len(envelopes), size):
+                self._call_batched(envelopes[start : start + size], batch)
             self._mark_in_flight("")
         else:
             for delivery, envelope in envelopes:
@@ -71,7 +84,9 @@ class BatchMixin:
         # before leaves nothing published and the inputs delivered again, so
         # results never exist twice, even those a batched node combined from
         # many inputs.
-        is_settled = self.stream.settle(deliveries, batch.outgoing, batch.retries)
+        is_settled = self.stream.settle(
+            deliveries, self._packed(batch.outgoing), batch.retries
+        )
         self.lease_keeper.deliveries = []
         if not is_settled:
             logger.warning(
@@ -79,7 +94,7 @@ class BatchMixin:
                 "stream no longer held (a lease expired or the connection was "
                 "lost); they are delivered again",
                 self.launch.node_id,
-                len(deliveries),
+                len(envelopes),
             )
             return
         self._count_published(batch)
@@ -89,10 +104,42 @@ class BatchMixin:
         logger.debug(
             "batch done node=%s in=%d out=%d failed=%d",
             self.launch.node_id,
-            len(deliveries),
+            len(envelopes),
             batch.results,
             batch.failures,
         )
+
+    def _unpack(self, delivery: Delivery) -> list[dict[str, Any]]:
+        """Return the envelopes of a message, decoded once per delivery."""
+        envelopes = self._unpacked.pop(delivery.delivery_id, None)
+        if envelopes is None:
+            envelopes = unpack(delivery.body, self.recipe.serializer)
+        return envelopes
+
+    def _packed(self, messages: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """Pack the results on each edge into messages of up to its batch size.
+
+        The other messages, the failure records, stay one item each. The
+        items of an edge keep their order.
+        """
+        sizes = self._pack_sizes
+        if not sizes:
+            for output in self.recipe.outputs:
+                sizes[output.queue] = output.batch_size
+        kept: list[tuple[str, bytes]] = []
+        bodies: dict[str, list[bytes]] = {}
+        for queue, body in messages:
+            if queue in sizes:
+                bodies.setdefault(queue, []).append(body)
+            else:
+                kept.append((queue, body))
+        serializer = self.recipe.serializer
+        for queue, queue_bodies in bodies.items():
+            size = sizes[queue]
+            for start in range(0, len(queue_bodies), size):
+                body = pack(queue_bodies[start : start + size], serializer)
+                kept.append((queue, body))
+        return kept
 
     def _call_one(
         self, delivery: Delivery, envelope: dict[str, Any], batch: _Batch

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from engine.items import DecodingError, unpack
+
 if TYPE_CHECKING:
     from engine.streams import Delivery
 
@@ -45,7 +47,7 @@ class ConsumerMixin:
             if is_completing:
                 # Upstream has completed, so only retries and redeliveries can
                 # still arrive: waiting for the batch to fill gains nothing.
-                deliveries = self.stream.pull(queues, settings.batch_size, 0.0)
+                deliveries = self._pull_items(queues, settings.batch_size, 0.0)
             else:
                 deliveries = self._pull_until_complete(queues, first_wait_s)
             if deliveries:
@@ -87,16 +89,79 @@ class ConsumerMixin:
         settings = self.spec.settings
         started = time.monotonic()
         first_wait_s = min(first_wait_s, settings.batch_timeout_s)
-        deliveries = self.stream.pull(queues, settings.batch_size, first_wait_s)
-        if len(deliveries) >= settings.batch_size:
+        deliveries = self._pull_items(queues, settings.batch_size, first_wait_s)
+        count = self._count_items(deliveries)
+        if count >= settings.batch_size:
             return deliveries
         if self.complete.is_set() or self.is_stop_requested:
             return deliveries
         remaining_s = settings.batch_timeout_s - (time.monotonic() - started)
         if remaining_s <= 0:
             return deliveries
-        count = settings.batch_size - len(deliveries)
-        return deliveries + self.stream.pull(queues, count, remaining_s)
+        wanted = settings.batch_size - count
+        return deliveries + self._pull_items(
+            queues, wanted, remaining_s, may_be_empty=True
+        )
+
+    def _pull_items(
+        self,
+        queues: list[str],
+        wanted: int,
+        timeout_s: float,
+        may_be_empty: bool = False,
+    ) -> list[Delivery]:
+        """Pull messages that hold up to `wanted` items, within `timeout_s`.
+
+        A message holds one item or a pack of them. Each pull asks for as
+        many messages as the missing items fill at the size of the largest
+        message of the last pull, rounded down and at least one. When the
+        messages grew, the last ones can hold more than the batch lacks:
+        those go back to their queue, so that a batch holds at most
+        `wanted` items as long as no single message holds more. The first
+        message stays, unless `may_be_empty` says that the batch already
+        holds items of an earlier pull.
+        """
+        deadline = time.monotonic() + timeout_s
+        deliveries: list[Delivery] = []
+        sizes: list[int] = []
+        while sum(sizes) < wanted:
+            asked = max(1, (wanted - sum(sizes)) // self._items_per_message)
+            remaining_s = max(0.0, deadline - time.monotonic())
+            pulled = self.stream.pull(queues, asked, remaining_s)
+            pulled_sizes = [self._decode_for_count(delivery) for delivery in pulled]
+            deliveries.extend(pulled)
+            sizes.extend(pulled_sizes)
+            if pulled_sizes:
+                self._items_per_message = max(pulled_sizes)
+            if len(pulled) < asked:
+                # The pull waits until it has what it asked for, so it ran
+                # out of time, or found the queues empty at timeout 0.
+                break
+        surplus: list[Delivery] = []
+        kept = 0 if may_be_empty else 1
+        while sum(sizes) > wanted and len(deliveries) > kept:
+            surplus.append(deliveries.pop())
+            sizes.pop()
+            self._unpacked.pop(surplus[-1].delivery_id, None)
+        if surplus:
+            self.stream.reject(surplus, requeue=True)
+        return deliveries
+
+    def _decode_for_count(self, delivery: Delivery) -> int:
+        """Decode a pulled message for `_process_batch`; return its item count."""
+        try:
+            envelopes = unpack(delivery.body, self.recipe.serializer)
+        except DecodingError:
+            # `_process_batch` decodes it again and sends it to the fail queue.
+            return 1
+        self._unpacked[delivery.delivery_id] = envelopes
+        return len(envelopes)
+
+    def _count_items(self, deliveries: list[Delivery]) -> int:
+        return sum(
+            len(self._unpacked.get(delivery.delivery_id, ())) or 1
+            for delivery in deliveries
+        )
 
     def _wait_for_complete(self, timeout_s: float) -> None:
         """Sleep up to `timeout_s`, but wake once the complete flag is set or a

@@ -95,7 +95,7 @@ class SourceMixin:
     def _publish(self, batch: _Batch, position: tuple[str, int]) -> None:
         """Publish a source batch and the source's new position atomically."""
         # A source fails its items without retries, so a batch has none.
-        self.stream.publish(batch.outgoing, position=position)
+        self.stream.publish(self._packed(batch.outgoing), position=position)
         self._count_published(batch)
 
 

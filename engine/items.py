@@ -1,9 +1,12 @@
 """Items between nodes: the envelope, its encodings and its ids.
 
-Every message on a data queue is an envelope `{"id", "attempt", "payload"}`,
-plus `"errors"` once an attempt failed. JSON is the default encoding, so that
-decoding an item from a queue can never run code; a pipeline opts in to
-pickle with `Pipeline(..., serializer="pickle")`.
+Every item is an envelope `{"id", "attempt", "payload"}`, plus `"errors"`
+once an attempt failed. A message on a data queue holds one envelope, or a
+pack of several: the results that one batch sends along one edge travel as
+one message, so that the stream moves a batch where it would move each item.
+JSON is the default encoding, so that decoding an item from a queue can
+never run code; a pipeline opts in to pickle with
+`Pipeline(..., serializer="pickle")`.
 """
 
 from __future__ import annotations
@@ -72,6 +75,49 @@ def decode(body: bytes, serializer: str) -> dict[str, Any]:
             "should publish to a pipeline's queues"
         )
     return envelope
+
+
+def pack(bodies: list[bytes], serializer: str) -> bytes:
+    """Return one message body that holds the encoded envelopes `bodies`.
+
+    One envelope stays as it is. In JSON, a pack is the array of the
+    envelopes, joined without decoding them again; in pickle, the pickled
+    list of their bodies.
+    """
+    if len(bodies) == 1:
+        return bodies[0]
+    if serializer == "pickle":
+        return pickle.dumps(bodies, protocol=pickle.HIGHEST_PROTOCOL)
+    return b"[" + b",".join(bodies) + b"]"
+
+
+def unpack(body: bytes, serializer: str) -> list[dict[str, Any]]:
+    """Decode a message body into its envelopes, one or a pack of them.
+
+    Raises `DecodingError` when the body, or any envelope of a pack, is not
+    valid: a pack is decoded whole or not at all.
+    """
+    _check_serializer(serializer)
+    try:
+        value = pickle.loads(body) if serializer == "pickle" else _loads(body)
+        if serializer == "pickle" and isinstance(value, list):
+            value = [pickle.loads(part) for part in value]
+    except Exception as exc:
+        raise DecodingError(f"message is not a valid {serializer} item: {exc}") from exc
+    envelopes = value if isinstance(value, list) else [value]
+    for envelope in envelopes:
+        if not isinstance(envelope, dict) or "payload" not in envelope:
+            raise DecodingError(
+                f"message is not an item envelope or a pack of them: "
+                f"{body[:80]!r}; only the engine should publish to a pipeline's "
+                "queues"
+            )
+    if not envelopes:
+        raise DecodingError(
+            "message is an empty pack; only the engine should publish to a "
+            "pipeline's queues"
+        )
+    return envelopes
 
 
 def _loads(body: bytes) -> Any:

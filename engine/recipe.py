@@ -31,6 +31,9 @@ class Output:
     target: str
     queue: str
     when: Any = None
+    # The target's batch size: the most items that one message on the edge
+    # packs, so that a message never holds more than the target takes at once.
+    batch_size: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +84,12 @@ def build_recipe(pipeline: Pipeline, node: str, params: dict[str, Any]) -> bytes
         known = ", ".join(repr(name) for name in pipeline.nodes)
         raise RecipeError(f"node {node!r} not found; known nodes are {known}")
     outputs = tuple(
-        Output(edge.target, pipeline.edge_queue(node, edge.target), edge.when)
+        Output(
+            edge.target,
+            pipeline.edge_queue(node, edge.target),
+            edge.when,
+            pipeline.nodes[edge.target].settings.batch_size,
+        )
         for edge in pipeline.edges
         if edge.source == node
     )

@@ -291,6 +291,14 @@ class NodeRunner(SourceMixin, ConsumerMixin, BatchMixin, FailureMixin, CountersM
         self.stream: Stream | None = None
         # Items of a source that an earlier process of it published.
         self.skip_count = 0
+        # The batch size of the target of each output queue, once known.
+        self._pack_sizes: dict[str, int] = {}
+        # The envelopes of pulled messages, by delivery id, decoded by the
+        # pull to count their items.
+        self._unpacked: dict[int | str, list[dict[str, Any]]] = {}
+        # The most items that one message of the last pull held: a pull asks
+        # for as many messages as the items it lacks would fill at that rate.
+        self._items_per_message = self.spec.settings.batch_size
 
     def request_stop(self, signum: int = 0, frame: object = None) -> None:
         """Ask the loop to stop after the current batch (the SIGTERM handler)."""

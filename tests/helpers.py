@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import pytest
+
+from engine.items import unpack
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -89,3 +93,20 @@ def node_processes(worker_pid: int) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return nodes
+
+
+def queued_items(database: Path, queues: list[str]) -> int:
+    """Return how many items the messages of `queues` hold in a SQLite stream.
+
+    A message holds one item or a pack of them, so counting rows is not
+    enough.
+    """
+    marks = ", ".join("?" for _ in queues)
+    connection = sqlite3.connect(database)
+    try:
+        rows = connection.execute(
+            f"SELECT body FROM messages WHERE queue IN ({marks})", queues
+        ).fetchall()
+    finally:
+        connection.close()
+    return sum(len(unpack(body, "json")) for (body,) in rows)

@@ -31,6 +31,7 @@ from tests.helpers import (
     POSTGRES_DSN,
     is_listening,
     node_processes,
+    queued_items,
     require_service,
     wait_for,
 )
@@ -670,13 +671,10 @@ def test_sigterm_drains_worker(tmp_path: Path, cluster, write_pipeline) -> None:
     assert worker.wait(timeout=60) == 0, cluster.output()
     assert "slow" in marks.read_text().split()
     written = [int(n) for n in output.read_text().split()]
-    stream_db = tmp_path / "stream.db"
-    with sqlite3.connect(stream_db) as connection:
-        pending = connection.execute(
-            "SELECT count(*) FROM messages WHERE queue IN (?, ?)",
-            ("draining.numbers-to-slow", "draining.slow-to-write"),
-        ).fetchone()[0]
-    connection.close()
+    pending = queued_items(
+        tmp_path / "stream.db",
+        ["draining.numbers-to-slow", "draining.slow-to-write"],
+    )
     assert len(set(written)) == len(written)
     assert len(written) + pending == 3000
 

@@ -13,7 +13,12 @@ from pathlib import Path
 
 from engine.streams import open_stream
 from tests.end_to_end.conftest import engine_command, run_engine
-from tests.helpers import forkserver_process, node_processes, wait_for
+from tests.helpers import (
+    forkserver_process,
+    node_processes,
+    queued_items,
+    wait_for,
+)
 
 # A word count whose map node kills its own process with SIGKILL the first
 # time it meets the chunk that contains the word "poison".
@@ -381,14 +386,13 @@ def test_interrupt_drains_without_losing_items(tmp_path, write_pipeline) -> None
     assert re.search(r"^  wait\s+stopped\s", stdout, re.MULTILINE), stdout
     assert re.search(r"^  write\s+stopped\s", stdout, re.MULTILINE), stdout
     written = [int(line) for line in output.read_text().splitlines()]
-    stream = open_stream(f"sqlite:///{tmp_path}/.monomyth/slow.db", owner="test")
-    try:
-        depths = stream.depths(["slow.numbers-to-wait", "slow.wait-to-write"])
-    finally:
-        stream.close()
+    pending = queued_items(
+        tmp_path / ".monomyth" / "slow.db",
+        ["slow.numbers-to-wait", "slow.wait-to-write"],
+    )
     assert len(written) < 2000
     assert len(set(written)) == len(written)
-    assert len(written) + sum(depths.values()) == 2000
+    assert len(written) + pending == 2000
 
     # The next run refuses to mix its items with the leftovers.
     again = run_engine("run", str(pipeline), cwd=tmp_path)
