@@ -14,7 +14,9 @@ from engine.items import (
     decode,
     derived_item_id,
     encode,
+    pack,
     source_item_id,
+    unpack,
 )
 
 # Labels recorded each time a `Tripwire` is unpickled. A decoder that never
@@ -143,6 +145,68 @@ def test_pickle_decode_rejects_json_body() -> None:
 
     with pytest.raises(DecodingError, match="message is not a valid pickle item"):
         decode(body, "pickle")
+
+
+# Packs.
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_pack_round_trip_keeps_envelopes_in_order(serializer: str) -> None:
+    envelopes = [
+        {"id": f"read:{index}", "attempt": 1, "payload": {"n": index, "t": "é"}}
+        for index in range(5)
+    ]
+    bodies = [encode(item, serializer) for item in envelopes]
+
+    assert unpack(pack(bodies, serializer), serializer) == envelopes
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_pack_of_one_is_the_envelope_itself(serializer: str) -> None:
+    body = encode(envelope("alone"), serializer)
+
+    assert pack([body], serializer) == body
+    assert unpack(body, serializer) == [envelope("alone")]
+    # A single envelope is also what the fail queue tools decode.
+    assert decode(pack([body], serializer), serializer) == envelope("alone")
+
+
+def test_json_pack_is_an_array_of_the_envelopes() -> None:
+    bodies = [encode(envelope(1), "json"), encode(envelope(2), "json")]
+
+    assert json.loads(pack(bodies, "json")) == [envelope(1), envelope(2)]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[]", b'[{"id": "a", "attempt": 1, "payload": 1}, 2]', b"[[1]]", b'"text"'],
+    ids=["empty", "one-not-envelope", "nested-list", "string"],
+)
+def test_unpack_rejects_pack_with_a_non_envelope(body: bytes) -> None:
+    with pytest.raises(DecodingError, match="envelope|empty pack"):
+        unpack(body, "json")
+
+
+def test_unpack_rejects_garbage() -> None:
+    with pytest.raises(DecodingError, match="message is not a valid json item"):
+        unpack(b"[{broken", "json")
+
+
+def test_pickle_unpack_rejects_pack_of_non_bytes() -> None:
+    body = pickle.dumps([envelope(1)])
+
+    with pytest.raises(DecodingError, match="message is not a valid pickle item"):
+        unpack(body, "pickle")
+
+
+def test_json_unpack_never_unpickles() -> None:
+    body = pickle.dumps([pickle.dumps(envelope(Tripwire()))])
+    TRIPPED.clear()
+
+    with pytest.raises(DecodingError):
+        unpack(body, "json")
+
+    assert TRIPPED == []
 
 
 # Ids.
