@@ -2,7 +2,8 @@
 
 Every call of the stream runs through `_write` or `_read`, which serialize
 the threads of one process, check that the stream is open in this process,
-and retry while another process holds the file's write lock.
+and retry while another process holds the file's write lock. A write also
+passes the stream's write gate first, which orders the writers of the file.
 """
 
 from __future__ import annotations
@@ -94,9 +95,19 @@ class ConnectionMixin:
         """Run `body` in one write transaction, retried while the file is busy."""
         with self._lock:
             self._check_usable()
-            return self._retry_busy(
-                action, lambda: _run_transaction(self._connection, body)
-            )
+            if not self._gate.acquire(self.busy_retry_s):
+                raise StreamUnavailableError(
+                    f"{action} failed on SQLite stream {self.path!r}: another "
+                    f"process held its write lock {self._gate.path!r} for "
+                    f"{self.busy_retry_s:g} s; it may be stopped or stuck, "
+                    "retry later"
+                )
+            try:
+                return self._retry_busy(
+                    action, lambda: _run_transaction(self._connection, body)
+                )
+            finally:
+                self._gate.release()
 
     def _read(self, action: str, sql: str, parameters: Sequence[object]) -> list[tuple]:
         with self._lock:

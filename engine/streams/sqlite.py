@@ -48,6 +48,7 @@ from engine.streams._sqlite_connection import (
     BUSY_TIMEOUT_S as BUSY_TIMEOUT_S,
 )
 from engine.streams._sqlite_connection import ConnectionMixin
+from engine.streams._sqlite_gate import WriteGate
 from engine.streams._sqlite_sql import (
     _EXTEND_HELD_SQL,
     _chunks,
@@ -120,6 +121,11 @@ class SQLiteStream(ConnectionMixin):
         self._held: set[int] = set()
 
         self._connection = self._connect()
+        try:
+            self._gate = WriteGate(path)
+        except BaseException:
+            self._connection.close()
+            raise
         logger.debug("SQLite stream opened path=%s owner=%s", path, self.owner)
 
     def __repr__(self) -> str:
@@ -474,6 +480,7 @@ class SQLiteStream(ConnectionMixin):
                 self._connection.close()
             except sqlite3.Error:
                 logger.exception("closing SQLite stream %s failed", self.path)
+            self._gate.close()
         logger.debug("SQLite stream closed path=%s owner=%s", self.path, self.owner)
 
     def _has_visible(self, names: list[str]) -> bool:
