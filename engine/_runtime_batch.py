@@ -146,18 +146,23 @@ class BatchMixin:
     ) -> None:
         item_id = envelope.get("id", "")
         self.context.item_ids = [item_id]
-        staged = _Batch()
+        # A failed item publishes none of its results: they are cut off the
+        # batch again, which costs less than staging each item's results.
+        published = len(batch.outgoing)
+        results = batch.results
         try:
-            results = self._call_function(envelope["payload"])
-            self._place_results(item_id, results, staged, envelope)
+            self._place_results(
+                item_id, self._call_function(envelope["payload"]), batch, envelope
+            )
         except EncodingError as exc:
+            del batch.outgoing[published:]
+            batch.results = results
             # The same result fails to encode on every attempt.
             self._fail(envelope, delivery, exc, batch, retry=False)
-            return
         except Exception as exc:
+            del batch.outgoing[published:]
+            batch.results = results
             self._fail(envelope, delivery, exc, batch, retry=True)
-            return
-        batch.merge(staged)
 
     def _call_function(self, payload: Any) -> list[Any]:
         function = self.spec.function
@@ -229,15 +234,33 @@ class BatchMixin:
     ) -> None:
         """Encode `results` for the edges that the route and filters choose."""
         serializer = self.recipe.serializer
+        fixed_queues = self._fixed_queues()
+        name = self.spec.name
+        outgoing = staged.outgoing
         for index, result in enumerate(results):
             if parent is None:
                 item_id = parent_id
             else:
-                item_id = derived_item_id(parent_id, self.spec.name, index)
+                item_id = derived_item_id(parent_id, name, index)
             body = encode({"id": item_id, "attempt": 1, "payload": result}, serializer)
+            if fixed_queues is not None:
+                outgoing.extend((queue, body) for queue in fixed_queues)
+                continue
             for output in self._choose_outputs(result):
-                staged.outgoing.append((output.queue, body))
+                outgoing.append((output.queue, body))
         staged.results += len(results)
+
+    def _fixed_queues(self) -> tuple[str, ...] | None:
+        """Return the queues of every result, or None when a route or filter chooses."""
+        if self._fixed is None:
+            outputs = self.recipe.outputs
+            is_fixed = self.spec.route is None and all(
+                output.when is None for output in outputs
+            )
+            self._fixed = (
+                tuple(output.queue for output in outputs) if is_fixed else False
+            )
+        return self._fixed or None
 
     def _choose_outputs(self, result: Any) -> list[Output]:
         outputs = self.recipe.outputs

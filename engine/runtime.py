@@ -291,6 +291,9 @@ class NodeRunner(SourceMixin, ConsumerMixin, BatchMixin, FailureMixin, CountersM
         self.stream: Stream | None = None
         # Items of a source that an earlier process of it published.
         self.skip_count = 0
+        # The output queues of every result when no route or filter chooses
+        # among them, False when one does, None until known.
+        self._fixed: tuple[str, ...] | bool | None = None
         # The batch size of the target of each output queue, once known.
         self._pack_sizes: dict[str, int] = {}
         # The envelopes of pulled messages, by delivery id, decoded by the

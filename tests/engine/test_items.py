@@ -76,6 +76,14 @@ def test_json_encode_rejects_object() -> None:
         encode(envelope(object()), "json")
 
 
+def test_json_encode_rejects_value_that_contains_itself() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+
+    with pytest.raises(EncodingError, match="contains itself"):
+        encode(envelope(loop), "json")
+
+
 def test_json_decode_rejects_garbage() -> None:
     with pytest.raises(DecodingError, match="message is not a valid json item"):
         decode(b"\x00\xffnot json", "json")
