@@ -60,10 +60,10 @@ class SourceMixin:
             item_id = source_item_id(
                 self.spec.name, position - 1, self.launch.process_index
             )
-            envelope = {"id": item_id, "attempt": 1, "payload": payload}
             try:
                 self._place_results(item_id, [payload], batch, parent=None)
             except Exception as exc:
+                envelope = {"id": item_id, "attempt": 1, "payload": payload}
                 self._fail(envelope, None, exc, batch, retry=False)
             is_full = position % self.spec.settings.batch_size == 0
             if is_full or time.monotonic() >= deadline:
