@@ -63,8 +63,8 @@ class BatchMixin:
         )
         if self.spec.is_batched and not is_suspect:
             self._mark_in_flight(BATCH_IN_FLIGHT)
-            # Messages may hold more items than the batch size in all; the
-            # function never gets more than batch_size at once.
+            # The messages may contain more items than the batch size in all,
+            # but the function never gets more than batch_size at once.
             size = self.spec.settings.batch_size
             for start in range(0, len(envelopes), size):
                 self._call_batched(envelopes[start : start + size], batch)
@@ -126,28 +126,28 @@ class BatchMixin:
         if not sizes:
             for output in self.recipe.outputs:
                 sizes[output.queue] = output.batch_size
-        kept: list[tuple[str, bytes]] = []
+        packed: list[tuple[str, bytes]] = []
         bodies: dict[str, list[bytes]] = {}
         for queue, body in messages:
             if queue in sizes:
                 bodies.setdefault(queue, []).append(body)
             else:
-                kept.append((queue, body))
+                packed.append((queue, body))
         serializer = self.recipe.serializer
         for queue, queue_bodies in bodies.items():
             size = sizes[queue]
             for start in range(0, len(queue_bodies), size):
                 body = pack(queue_bodies[start : start + size], serializer)
-                kept.append((queue, body))
-        return kept
+                packed.append((queue, body))
+        return packed
 
     def _call_one(
         self, delivery: Delivery, envelope: dict[str, Any], batch: _Batch
     ) -> None:
         item_id = envelope.get("id", "")
         self.context.item_ids = [item_id]
-        # A failed item publishes none of its results: they are cut off the
-        # batch again, which costs less than staging each item's results.
+        # A failed item publishes none of its results, so they are cut off
+        # the batch again. That costs less than staging each item's results.
         published = len(batch.outgoing)
         results = batch.results
         try:

@@ -98,48 +98,48 @@ class ConsumerMixin:
         remaining_s = settings.batch_timeout_s - (time.monotonic() - started)
         if remaining_s <= 0:
             return deliveries
-        wanted = settings.batch_size - count
+        missing = settings.batch_size - count
         return deliveries + self._pull_items(
-            queues, wanted, remaining_s, may_be_empty=True
+            queues, missing, remaining_s, batch_has_items=True
         )
 
     def _pull_items(
         self,
         queues: list[str],
-        wanted: int,
+        max_items: int,
         timeout_s: float,
-        may_be_empty: bool = False,
+        batch_has_items: bool = False,
     ) -> list[Delivery]:
-        """Pull messages that hold up to `wanted` items, within `timeout_s`.
+        """Pull messages that contain up to `max_items` items, within `timeout_s`.
 
-        A message holds one item or a pack of them. Each pull asks for as
+        A message contains one item or a pack of them. Each pull requests as
         many messages as the missing items fill at the size of the largest
         message of the last pull, rounded down and at least one. When the
-        messages grew, the last ones can hold more than the batch lacks:
-        those go back to their queue, so that a batch holds at most
-        `wanted` items as long as no single message holds more. The first
-        message stays, unless `may_be_empty` says that the batch already
-        holds items of an earlier pull.
+        messages grew, the last ones can contain more items than the batch
+        lacks. Those go back to their queue, so that a batch contains at
+        most `max_items` items as long as no single message contains more.
+        The first message stays, unless `batch_has_items` is True because
+        the batch already contains the items of an earlier pull.
         """
         deadline = time.monotonic() + timeout_s
         deliveries: list[Delivery] = []
         sizes: list[int] = []
-        while sum(sizes) < wanted:
-            asked = max(1, (wanted - sum(sizes)) // self._items_per_message)
+        while sum(sizes) < max_items:
+            requested = max(1, (max_items - sum(sizes)) // self._items_per_message)
             remaining_s = max(0.0, deadline - time.monotonic())
-            pulled = self.stream.pull(queues, asked, remaining_s)
+            pulled = self.stream.pull(queues, requested, remaining_s)
             pulled_sizes = [self._decode_for_count(delivery) for delivery in pulled]
             deliveries.extend(pulled)
             sizes.extend(pulled_sizes)
             if pulled_sizes:
                 self._items_per_message = max(pulled_sizes)
-            if len(pulled) < asked:
-                # The pull waits until it has what it asked for, so it ran
-                # out of time, or found the queues empty at timeout 0.
+            if len(pulled) < requested:
+                # A pull waits until it has every requested message, so it
+                # timed out, or found the queues empty at timeout 0.
                 break
         surplus: list[Delivery] = []
-        kept = 0 if may_be_empty else 1
-        while sum(sizes) > wanted and len(deliveries) > kept:
+        kept_count = 0 if batch_has_items else 1
+        while sum(sizes) > max_items and len(deliveries) > kept_count:
             surplus.append(deliveries.pop())
             sizes.pop()
             self._unpacked.pop(surplus[-1].delivery_id, None)

@@ -1,8 +1,8 @@
 """Items between nodes: the envelope, its encodings and its ids.
 
 Every item is an envelope `{"id", "attempt", "payload"}`, plus `"errors"`
-once an attempt failed. A message on a data queue holds one envelope, or a
-pack of several: the results that one batch sends along one edge travel as
+once an attempt failed. A message on a data queue contains one envelope, or
+a pack of several. The results that one batch sends along one edge travel as
 one message, so that the stream moves a batch where it would move each item.
 JSON is the default encoding, so that decoding an item from a queue can
 never run code; a pipeline opts in to pickle with
@@ -109,7 +109,7 @@ def decode(body: bytes, serializer: str) -> dict[str, Any]:
 
 
 def pack(bodies: list[bytes], serializer: str) -> bytes:
-    """Return one message body that holds the encoded envelopes `bodies`.
+    """Return one message body that contains the encoded envelopes `bodies`.
 
     One envelope stays as it is. In JSON, a pack is the array of the
     envelopes, joined without decoding them again; in pickle, the pickled

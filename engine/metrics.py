@@ -179,8 +179,9 @@ def _queue_families(depths: dict[str, int] | None) -> list[MetricFamily]:
     depth = MetricFamily(
         "monomyth_queue_depth",
         "gauge",
-        "Items waiting in a queue plus those pulled and not yet acked "
-        "(on RabbitMQ only those waiting).",
+        "Messages waiting in a queue plus those pulled and not yet acked "
+        "(on RabbitMQ only those waiting); a message on an edge queue "
+        "carries up to the target's batch_size items.",
     )
     for queue, value in (depths or {}).items():
         depth.add(value, queue=queue)

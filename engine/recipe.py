@@ -31,8 +31,8 @@ class Output:
     target: str
     queue: str
     when: Any = None
-    # The target's batch size: the most items that one message on the edge
-    # packs, so that a message never holds more than the target takes at once.
+    # The target's batch size, which is the max items that one message on
+    # the edge packs, so that no message contains more than the target takes.
     batch_size: int = 100
 
 

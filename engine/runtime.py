@@ -299,8 +299,8 @@ class NodeRunner(SourceMixin, ConsumerMixin, BatchMixin, FailureMixin, CountersM
         # The envelopes of pulled messages, by delivery id, decoded by the
         # pull to count their items.
         self._unpacked: dict[int | str, list[dict[str, Any]]] = {}
-        # The most items that one message of the last pull held: a pull asks
-        # for as many messages as the items it lacks would fill at that rate.
+        # The max items per message of the last pull. The next pull requests
+        # as many messages as its missing items fill at that size.
         self._items_per_message = self.spec.settings.batch_size
 
     def request_stop(self, signum: int = 0, frame: object = None) -> None:

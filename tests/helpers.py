@@ -96,9 +96,9 @@ def node_processes(worker_pid: int) -> list[psutil.Process]:
 
 
 def queued_items(database: Path, queues: list[str]) -> int:
-    """Return how many items the messages of `queues` hold in a SQLite stream.
+    """Return how many items the messages of `queues` contain in a SQLite stream.
 
-    A message holds one item or a pack of them, so counting rows is not
+    A message contains one item or a pack of them, so counting rows is not
     enough.
     """
     marks = ", ".join("?" for _ in queues)

@@ -48,7 +48,7 @@ class WriteGate:
         # Guards the hand-over between a caller and the helper thread.
         self._mutex = threading.Lock()
         # A caller waits for the helper's lock, and has not given up.
-        self._is_wanted = False
+        self._is_requested = False
         # The helper is blocked in flock, or about to be.
         self._is_waiting = False
         self._is_closed = False
@@ -64,7 +64,7 @@ class WriteGate:
         except BlockingIOError:
             pass
         with self._mutex:
-            self._is_wanted = True
+            self._is_requested = True
             if not self._is_waiting:
                 # Otherwise the helper still waits for a caller that gave
                 # up, and this caller takes over that wait.
@@ -80,7 +80,7 @@ class WriteGate:
                 # Granted between the timeout and the mutex.
                 self._granted.clear()
                 return True
-            self._is_wanted = False
+            self._is_requested = False
             return False
 
     def release(self) -> None:
@@ -93,7 +93,7 @@ class WriteGate:
             if self._is_closed:
                 return
             self._is_closed = True
-            self._is_wanted = False
+            self._is_requested = False
             if self._is_waiting:
                 return
             os.close(self._fd)
@@ -117,8 +117,8 @@ class WriteGate:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             with self._mutex:
                 self._is_waiting = False
-                if self._is_wanted:
-                    self._is_wanted = False
+                if self._is_requested:
+                    self._is_requested = False
                     self._granted.set()
                     continue
                 # The caller gave up: pass the gate on.

@@ -8,8 +8,10 @@ or until its supervisor calls `recover(owner)`, which makes them visible at
 once.
 
 Many processes share one file. SQLite lets one writer in at a time, so every
-write is a short `BEGIN IMMEDIATE` transaction, and a writer that finds the
-file locked waits and retries with backoff.
+write is a short `BEGIN IMMEDIATE` transaction. The writers take turns
+through the write gate, an exclusive lock of `<file>-lock` that wakes the
+next writer as soon as it is free, and a writer that still finds the file
+locked waits and retries with backoff.
 
 Each process opens its own `SQLiteStream`. A SQLite connection must not cross
 a fork, so a stream used in a process other than the one that opened it
@@ -19,8 +21,9 @@ main thread runs a long transform.
 
 `SQLiteStream` takes the rest from private modules, one concept each:
 `_sqlite_schema` (the tables and indexes, and the migration of older files),
-`_sqlite_connection` (opening the file and retrying while it is locked) and
-`_sqlite_sql` (the transaction and the statements that the calls share).
+`_sqlite_connection` (opening the file and retrying while it is locked),
+`_sqlite_gate` (the write gate) and `_sqlite_sql` (the transaction and the
+statements that the calls share).
 """
 
 from __future__ import annotations
@@ -83,11 +86,13 @@ class SQLiteStream(ConnectionMixin):
     among live processes, and defaults to a unique name. `lease_s` is how
     many seconds a pulled message stays hidden from other processes before
     it is delivered again. `busy_retry_s` bounds how long one operation
-    retries while other processes keep the file locked. Its last attempt may
-    wait up to `BUSY_TIMEOUT_S` seconds longer inside SQLite.
+    waits for the write gate, and again how long it retries while other
+    processes keep the file locked. Its last attempt may wait up to
+    `BUSY_TIMEOUT_S` seconds longer inside SQLite.
 
-    Raises `StreamError` when the file cannot be opened or is not a SQLite
-    database, and `StreamUnavailableError` when it stays locked.
+    Raises `StreamError` when the file or its lock file `<path>-lock` cannot
+    be opened or the file is not a SQLite database, and
+    `StreamUnavailableError` when it stays locked.
 
     Limits: the file must be on a local disk, because WAL mode needs shared
     memory between the processes. Message times come from the wall clock,

@@ -65,7 +65,7 @@ def store(numbers, ctx):
 """
 
 
-def test_batches_hold_at_most_batch_size_items(tmp_path: Path, write_pipeline) -> None:
+def test_batches_within_batch_size(tmp_path: Path, write_pipeline) -> None:
     pipeline = write_pipeline(UNEVEN)
     calls = tmp_path / "calls.jsonl"
 
@@ -98,7 +98,7 @@ def test_batches_hold_at_most_batch_size_items(tmp_path: Path, write_pipeline) -
     assert max(sizes["store"]) <= 4
 
 
-def test_stream_moves_batches_not_items(tmp_path: Path, write_pipeline) -> None:
+def test_stream_moves_batches(tmp_path: Path, write_pipeline) -> None:
     pipeline = write_pipeline(RELAY)
     out = tmp_path / "out.txt"
 

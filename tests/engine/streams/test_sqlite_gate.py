@@ -36,7 +36,7 @@ sys.stdin.read()
 
 
 class Holder:
-    """A process that holds the gate of `database`."""
+    """A process that has taken the gate of `database`."""
 
     def __init__(self, database: Path) -> None:
         self.process = subprocess.Popen(
@@ -155,7 +155,7 @@ def test_caller_takes_over_an_abandoned_wait(database: Path, holder: Holder) -> 
         gate.close()
 
 
-def test_stream_write_fails_while_another_process_holds_the_gate(
+def test_stream_write_times_out_at_gate(
     database: Path,
 ) -> None:
     stream = open_stream(f"sqlite:///{database}", owner="test", busy_retry_s=0.3)
@@ -171,7 +171,7 @@ def test_stream_write_fails_while_another_process_holds_the_gate(
         stream.close()
 
 
-def test_gate_file_that_cannot_be_created_names_the_file(tmp_path: Path) -> None:
+def test_gate_open_failure_names_file(tmp_path: Path) -> None:
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
 
