@@ -352,7 +352,7 @@ class NodeSupervisionMixin:
         node.state = NodeState.RESTARTING
         logger.warning(
             "node %s exited (%s); restarting in %.1f s (restart %d of %d in %.0f s); "
-            "%d pulled items made visible again",
+            "%d pulled messages made visible again",
             node.node_id,
             _describe_exit(exitcode),
             backoff_s,

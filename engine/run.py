@@ -414,7 +414,9 @@ class LocalRun:
         recover = getattr(stream, "recover_queues", None)
         if recover is not None:
             released = recover(self.pipeline.data_queues())
-            logger.info("%d items of the dead worker's nodes visible again", released)
+            logger.info(
+                "%d messages of the dead worker's nodes visible again", released
+            )
         self.master.release_exited_worker(self.worker.pid)
 
         self.local_worker = self.local_worker.replacement()
