@@ -71,9 +71,11 @@ def status(client: ControlClient, as_json: bool) -> None:
 @click.command()
 @_client_command
 def queues(client: ControlClient, as_json: bool) -> None:
-    """Show how many items wait in each queue of the loaded pipelines.
+    """Show how many messages wait in each queue of the loaded pipelines.
 
-    The depth counts items pulled and not yet acknowledged as well.
+    The depth counts messages pulled and not yet acknowledged as well. A
+    message on an edge queue carries up to the target's batch_size items,
+    and a message on a fail queue is one item.
     """
     reply = client.get("/queues")
     if as_json:
