@@ -181,7 +181,10 @@ class MasterConnectionMixin:
         connection.close()
         if self.exit_with_master or self.is_shutting_down:
             if not self.is_shutting_down:
-                logger.warning("master is gone; draining nodes and exiting")
+                logger.warning(
+                    "lost the connection to the master, which exited or "
+                    "declared this worker lost; draining nodes and exiting"
+                )
             self.begin_shutdown(self.drain_timeout_s)
             return
         logger.warning(

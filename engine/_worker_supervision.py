@@ -37,7 +37,7 @@ from engine.runtime import (
     SharedFlag,
     node_main,
 )
-from engine.streams import is_requeued_by_broker, open_stream
+from engine.streams import is_requeued_by_broker, open_stream, sqlite_file
 
 # Every log line of the worker names `engine.worker`, whichever part writes it.
 logger = logging.getLogger("engine.worker")
@@ -45,6 +45,10 @@ logger = logging.getLogger("engine.worker")
 # Restart backoff: 0.1 s, 0.2 s, 0.4 s ... at most 10 s.
 RESTART_BACKOFF_S = 0.1
 MAX_RESTART_BACKOFF_S = 10.0
+# How long the recovery after a node's death waits for a locked SQLite
+# stream. The worker's loop, and so its heartbeats, wait meanwhile, so this
+# stays well below the master's default worker timeout of 10 s.
+RECOVER_BUSY_RETRY_S = 2.0
 
 
 class NodeSupervisionMixin:
@@ -399,10 +403,14 @@ class NodeSupervisionMixin:
         owner = f"{node.node_id}@{pid}"
         # Connecting to a broker that is down would stall this loop, and its
         # heartbeats, for every connection attempt, only to recover nothing.
-        if is_requeued_by_broker(self.stream_url or ""):
+        url = self.stream_url or ""
+        if is_requeued_by_broker(url):
             return 0
+        options = {}
+        if sqlite_file(url) is not None:
+            options["busy_retry_s"] = RECOVER_BUSY_RETRY_S
         try:
-            stream = open_stream(self.stream_url or "", owner=f"{self.worker_id}")
+            stream = open_stream(url, owner=f"{self.worker_id}", **options)
             try:
                 return stream.recover(owner)
             finally:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,3 +113,48 @@ def queued_items(database: Path, queues: list[str]) -> int:
     finally:
         connection.close()
     return sum(len(unpack(body, "json")) for (body,) in rows)
+
+
+# Holds the gate of the database named by argv[1] until a line arrives on
+# stdin, then releases it and waits for stdin to close.
+GATE_HOLDER = """
+import sys
+from engine.streams._sqlite_gate import WriteGate
+
+gate = WriteGate(sys.argv[1])
+assert gate.acquire(5.0)
+print("held", flush=True)
+sys.stdin.readline()
+gate.release()
+print("released", flush=True)
+sys.stdin.read()
+"""
+
+
+class GateHolder:
+    """A process that has taken the write gate of the SQLite stream `database`."""
+
+    def __init__(self, database: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", GATE_HOLDER, str(database)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline() == "held\n"
+
+    def release(self) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        assert self.process.stdout.readline() == "released\n"
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)

@@ -31,6 +31,10 @@ BUSY_TIMEOUT_S = 5.0
 
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
+# A write that waits this long for the write gate logs a warning, because
+# the gate is normally held for a few milliseconds at a time.
+GATE_WARNING_S = 5.0
+
 
 class ConnectionMixin:
     """The connection handling of `SQLiteStream`.
@@ -95,7 +99,7 @@ class ConnectionMixin:
         """Run `body` in one write transaction, retried while the file is busy."""
         with self._lock:
             self._check_usable()
-            if not self._gate.acquire(self.busy_retry_s):
+            if not self._acquire_gate(action):
                 raise StreamUnavailableError(
                     f"{action} failed on SQLite stream {self.path!r}: another "
                     f"process held its write lock {self._gate.path!r} for "
@@ -108,6 +112,24 @@ class ConnectionMixin:
                 )
             finally:
                 self._gate.release()
+
+    def _acquire_gate(self, action: str) -> bool:
+        """Take the write gate within `busy_retry_s`, warning once if it is slow."""
+        first_wait_s = min(GATE_WARNING_S, self.busy_retry_s)
+        if self._gate.acquire(first_wait_s):
+            return True
+        if first_wait_s >= self.busy_retry_s:
+            return False
+        logger.warning(
+            "%s on SQLite stream %s has waited %.0f s for the write lock %s, which "
+            "another process holds; it waits up to %.0f s in all",
+            action,
+            self.path,
+            first_wait_s,
+            self._gate.path,
+            self.busy_retry_s,
+        )
+        return self._gate.acquire(self.busy_retry_s - first_wait_s)
 
     def _read(self, action: str, sql: str, parameters: Sequence[object]) -> list[tuple]:
         with self._lock:

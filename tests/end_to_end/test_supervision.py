@@ -9,11 +9,13 @@ import re
 import signal
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 from engine.streams import open_stream
 from tests.end_to_end.conftest import engine_command, run_engine
 from tests.helpers import (
+    GateHolder,
     forkserver_process,
     node_processes,
     queued_items,
@@ -1532,3 +1534,78 @@ def test_batched_poison_item_ends_in_fail_queue(tmp_path, write_pipeline) -> Non
     assert written == [n for n in range(50) if n != 13]
     listed = run_engine("fail-queue", "list", "batchpoison.fragile", cwd=tmp_path)
     assert "numbers:13  attempts=2  NodeProcessDiedError" in listed.stdout
+
+
+# A transform whose process dies on item 7 once, at a moment the test picks:
+# it marks `dying`, then waits for `go` to exist before it kills itself.
+GATED_CRASH = """
+import os
+import signal
+import time
+from pathlib import Path
+
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("gated", params={"output": "out.jsonl", "dying": "", "go": ""})
+
+
+@pipeline.source(batch_size=5)
+def numbers():
+    yield from range(20)
+
+
+@pipeline.transform(after="numbers", batch_size=5)
+def fragile(number, ctx):
+    go = Path(ctx.params["go"])
+    if number == 7 and not go.exists():
+        Path(ctx.params["dying"]).touch()
+        for _ in range(1200):
+            if go.exists():
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return number
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="fragile")
+"""
+
+
+def test_locked_stream_keeps_worker_alive(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(GATED_CRASH)
+    database = tmp_path / "stream.db"
+    dying = tmp_path / "dying"
+    go = tmp_path / "go"
+    process = subprocess.Popen(
+        [engine_command(), "run", str(pipeline)]
+        + ["--stream", f"sqlite:///{database}?lease_s=3"]
+        + ["-p", f"dying={dying}", "-p", f"go={go}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(dying.exists, timeout_s=60, what="the transform to reach item 7")
+        # Another process takes the stream's write lock, and the transform
+        # dies while it is held: the worker's recovery of what the transform
+        # pulled must not hold up its heartbeats past the master's 10 s.
+        holder = GateHolder(database)
+        try:
+            go.touch()
+            time.sleep(12)
+            holder.release()
+        finally:
+            holder.stop()
+        output, _ = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+    assert process.returncode == 0, output
+    assert "recovering the items pulled by gated.fragile#1" in output
+    assert "lost: silent" not in output
+    written = sorted(int(n) for n in (tmp_path / "out.jsonl").read_text().split())
+    assert written == list(range(20))

@@ -6,9 +6,7 @@ releases it or kills it.
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,52 +14,9 @@ from pathlib import Path
 import pytest
 
 from engine.errors import StreamError, StreamUnavailableError
-from engine.streams import open_stream
+from engine.streams import _sqlite_connection, open_stream
 from engine.streams._sqlite_gate import WriteGate
-
-# Holds the gate of the database named by argv[1] until a line arrives on
-# stdin, then releases it and waits for stdin to close.
-HOLDER = """
-import sys
-from engine.streams._sqlite_gate import WriteGate
-
-gate = WriteGate(sys.argv[1])
-assert gate.acquire(5.0)
-print("held", flush=True)
-sys.stdin.readline()
-gate.release()
-print("released", flush=True)
-sys.stdin.read()
-"""
-
-
-class Holder:
-    """A process that has taken the gate of `database`."""
-
-    def __init__(self, database: Path) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(database)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        assert self.process.stdout.readline() == "held\n"
-
-    def release(self) -> None:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write("\n")
-        self.process.stdin.flush()
-        assert self.process.stdout.readline() == "released\n"
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
+from tests.helpers import GateHolder as Holder
 
 
 @pytest.fixture
@@ -177,3 +132,24 @@ def test_gate_open_failure_names_file(tmp_path: Path) -> None:
 
     with pytest.raises(StreamError, match=r"lock file .*stream\.db-lock"):
         WriteGate(str(not_a_folder / "stream.db"))
+
+
+def test_long_gate_wait_logs_warning(
+    database: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_sqlite_connection, "GATE_WARNING_S", 0.1)
+    stream = open_stream(f"sqlite:///{database}", owner="test", busy_retry_s=0.5)
+    holding = Holder(database)
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="engine.streams.sqlite"),
+            pytest.raises(StreamUnavailableError),
+        ):
+            stream.publish([("queue", b"body")])
+    finally:
+        holding.stop()
+        stream.close()
+    messages = [record.getMessage() for record in caplog.records]
+    warnings = [message for message in messages if "has waited" in message]
+    assert len(warnings) == 1
+    assert "stream.db-lock" in warnings[0]
