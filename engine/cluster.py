@@ -211,7 +211,7 @@ def _reject_leftover_items(stream_url: str, pipeline: Pipeline) -> None:
         stream.close()
     if leftover:
         raise EngineError(
-            f"stream {redact_url(stream_url)} contains {leftover} items of "
+            f"stream {redact_url(stream_url)} contains {leftover} messages of "
             f"pipeline {pipeline.name!r} left by an earlier run that did not "
             "finish, and no worker reports nodes of that run to continue; "
             "finish that run on this host with engine run PIPELINE_FILE --stream "

@@ -232,33 +232,32 @@ def replay(node: str, item_ids: tuple[str, ...], stream_url: str | None) -> None
     A replayed item starts again at attempt 1 and keeps its error history.
     A running pipeline processes it; otherwise run `engine run PIPELINE.py
     --resume`, which processes what the stream contains without running the
-    sources again.
+    sources again. A fail queue may contain several records of one item, as
+    after runs that failed it again: the item goes back once, with its
+    newest record, and its older records are deleted.
     """
     stream, queue = _open(node, stream_url)
     try:
         with _held(stream, queue, stream.depth(queue)) as deliveries:
             chosen = []
+            pickled_count = 0
+            source_ids = []
             for delivery in deliveries:
                 record = _decode(delivery)
                 if record is None:
-                    click.echo(
-                        "skipped an item that is not JSON: replay supports "
-                        "pipelines with the default serializer only",
-                        err=True,
-                    )
+                    pickled_count += 1
                     continue
                 if item_ids and record.get("id") not in item_ids:
                     continue
                 if not record.get("queue"):
-                    click.echo(
-                        f"skipped {record.get('id')}: it failed in a source, which "
-                        "has no input queue to replay to",
-                        err=True,
-                    )
+                    source_ids.append(str(record.get("id")))
                     continue
                 chosen.append((delivery, record))
+            _echo_skipped(pickled_count, source_ids)
+            # The newest record of each item, by the order of the fail queue.
+            newest = {record.get("id"): record for _, record in chosen}
             messages = []
-            for _, record in chosen:
+            for record in newest.values():
                 target = record.pop("queue")
                 record["attempt"] = 1
                 messages.append((target, json.dumps(record).encode()))
@@ -268,9 +267,31 @@ def replay(node: str, item_ids: tuple[str, ...], stream_url: str | None) -> None
                 stream.ack([delivery for delivery, _ in chosen])
                 for delivery, _ in chosen:
                     deliveries.remove(delivery)
-        click.echo(f"replayed {len(messages)} items from {queue}")
+        dropped = len(chosen) - len(messages)
+        click.echo(
+            f"replayed {len(messages)} items from {queue}"
+            + (f" and deleted {dropped} older records of them" if dropped else "")
+        )
     finally:
         stream.close()
+
+
+def _echo_skipped(pickled_count: int, source_ids: list[str]) -> None:
+    """Report the failed items that replay cannot put back, one line per reason."""
+    if pickled_count:
+        click.echo(
+            f"skipped {pickled_count} items that are not JSON: replay supports "
+            "pipelines with the default serializer only",
+            err=True,
+        )
+    if source_ids:
+        shown = ", ".join(source_ids[:5])
+        more = f" and {len(source_ids) - 5} more" if len(source_ids) > 5 else ""
+        click.echo(
+            f"skipped {len(source_ids)} items that failed in a source, which has "
+            f"no input queue to replay to: {shown}{more}",
+            err=True,
+        )
 
 
 @fail_queue.command()

@@ -299,15 +299,15 @@ class LocalRun:
             return
         if leftover and not self.purge:
             raise EngineError(
-                f"stream {redact_url(self.stream_url)} contains {leftover} items of "
-                f"pipeline {self.pipeline.name!r} left by an earlier run that did "
+                f"stream {redact_url(self.stream_url)} contains {leftover} messages "
+                f"of pipeline {self.pipeline.name!r} left by an earlier run that did "
                 "not finish (or replayed from a fail queue); pass --resume to "
                 "process them and finish the earlier run's sources, or --purge to "
                 "delete them before this run"
             )
         if leftover:
             logger.warning(
-                "deleting %d items left by an earlier run of pipeline %s",
+                "deleting %d messages left by an earlier run of pipeline %s",
                 leftover,
                 self.pipeline.name,
             )

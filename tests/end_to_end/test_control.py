@@ -372,5 +372,5 @@ def test_master_rejects_items_of_unfinished_run(tmp_path: Path) -> None:
     )
 
     assert result.returncode == 1
-    assert "contains 1 items of pipeline 'leftover'" in result.stderr
+    assert "contains 1 messages of pipeline 'leftover'" in result.stderr
     assert "--resume" in result.stderr
