@@ -84,7 +84,7 @@ class BatchMixin:
         # before leaves nothing published and the inputs delivered again, so
         # results never exist twice, even those a batched node combined from
         # many inputs.
-        is_settled = self.stream.settle(
+        is_settled = self._settle(
             deliveries, self._packed(batch.outgoing), batch.retries
         )
         self.lease_keeper.deliveries = []

@@ -47,7 +47,9 @@ class ConsumerMixin:
             if is_completing:
                 # Upstream has completed, so only retries and redeliveries can
                 # still arrive: waiting for the batch to fill gains nothing.
-                deliveries = self._pull_items(queues, settings.batch_size, 0.0)
+                deliveries = self._take_prefetched() or self._pull_items(
+                    queues, settings.batch_size, 0.0
+                )
             else:
                 deliveries = self._pull_until_complete(queues, first_wait_s)
             if deliveries:
@@ -89,7 +91,9 @@ class ConsumerMixin:
         settings = self.spec.settings
         started = time.monotonic()
         first_wait_s = min(first_wait_s, settings.batch_timeout_s)
-        deliveries = self._pull_items(queues, settings.batch_size, first_wait_s)
+        deliveries = self._take_prefetched() or self._pull_items(
+            queues, settings.batch_size, first_wait_s
+        )
         count = self._count_items(deliveries)
         if count >= settings.batch_size:
             return deliveries
@@ -137,15 +141,60 @@ class ConsumerMixin:
                 # A pull waits until it has every requested message, so it
                 # timed out, or found the queues empty at timeout 0.
                 break
+        self._return_surplus(deliveries, sizes, max_items, 0 if batch_has_items else 1)
+        return deliveries
+
+    def _return_surplus(
+        self,
+        deliveries: list[Delivery],
+        sizes: list[int],
+        max_items: int,
+        kept_count: int,
+    ) -> None:
+        """Send the last messages back until the rest contain at most `max_items`.
+
+        The first `kept_count` messages stay whatever they contain.
+        """
         surplus: list[Delivery] = []
-        kept_count = 0 if batch_has_items else 1
         while sum(sizes) > max_items and len(deliveries) > kept_count:
             surplus.append(deliveries.pop())
             sizes.pop()
             self._unpacked.pop(surplus[-1].delivery_id, None)
         if surplus:
             self.stream.reject(surplus, requeue=True)
-        return deliveries
+
+    def _settle(
+        self,
+        deliveries: list[Delivery],
+        messages: list[tuple[str, bytes]],
+        delayed: dict[float, list[tuple[str, bytes]]],
+    ) -> bool:
+        """Settle a batch, and pull the next one in the same step where the stream can.
+
+        The messages pulled this way start the next batch. A process that
+        stops or recycles before that batch leaves them to `Stream.close`,
+        which makes them visible again.
+        """
+        settle_and_pull = getattr(self.stream, "settle_and_pull", None)
+        if settle_and_pull is None or self.is_stop_requested:
+            return self.stream.settle(deliveries, messages, delayed)
+        batch_size = self.spec.settings.batch_size
+        requested = max(1, batch_size // self._items_per_message)
+        is_settled, pulled = settle_and_pull(
+            deliveries, messages, delayed, list(self.recipe.input_queues), requested
+        )
+        sizes = [self._decode_for_count(delivery) for delivery in pulled]
+        if sizes:
+            self._items_per_message = max(sizes)
+        self._return_surplus(pulled, sizes, batch_size, 1)
+        self._prefetched = pulled
+        return is_settled
+
+    def _take_prefetched(self) -> list[Delivery]:
+        """Return the messages that the last settle pulled, and forget them."""
+        prefetched = self._prefetched
+        self._prefetched = []
+        return prefetched
 
     def _decode_for_count(self, delivery: Delivery) -> int:
         """Decode a pulled message for `_process_batch`; return its item count."""

@@ -302,6 +302,8 @@ class NodeRunner(SourceMixin, ConsumerMixin, BatchMixin, FailureMixin, CountersM
         # The max items per message of the last pull. The next pull requests
         # as many messages as its missing items fill at that size.
         self._items_per_message = self.spec.settings.batch_size
+        # The messages that the last settle pulled for the next batch.
+        self._prefetched: list[Delivery] = []
 
     def request_stop(self, signum: int = 0, frame: object = None) -> None:
         """Ask the loop to stop after the current batch (the SIGTERM handler)."""

@@ -394,6 +394,56 @@ def test_settle_after_lost_lease_publishes_nothing(
     assert fast.depth(QUEUE) == 0
 
 
+def test_settle_and_pull_takes_next_batch(open_sqlite: OpenSQLite) -> None:
+    node = open_sqlite(owner="node")
+    other = open_sqlite(owner="other")
+    node.publish([(QUEUE, b"first"), (QUEUE, b"second"), (QUEUE, b"third")])
+    (first,) = node.pull([QUEUE], 1, timeout_s=5)
+
+    is_settled, pulled = node.settle_and_pull(
+        [first], [("results", b"result")], None, [QUEUE], 1
+    )
+
+    assert is_settled is True
+    assert [delivery.body for delivery in pulled] == [b"second"]
+    assert other.depth("results") == 1
+    # The pulled message is leased to the node: the other stream sees only
+    # the third, and the depth counts both.
+    assert other.depth(QUEUE) == 2
+    (third,) = other.pull([QUEUE], 5, timeout_s=0)
+    assert third.body == b"third"
+    node.ack(pulled)
+    other.ack([third])
+    assert other.depth(QUEUE) == 0
+
+
+def test_settle_and_pull_after_lost_lease_pulls_nothing(
+    open_sqlite: OpenSQLite,
+) -> None:
+    slow = open_sqlite(owner="slow", lease_s=0.2)
+    fast = open_sqlite(owner="fast")
+    slow.publish([(QUEUE, b"contested")])
+    (contested,) = slow.pull([QUEUE], 1, timeout_s=5)
+    taken = wait_for(
+        lambda: fast.pull([QUEUE], 1, timeout_s=0),
+        timeout_s=30,
+        what="the message redelivered after its lease",
+    )
+    fast.publish([(QUEUE, b"waiting")])
+
+    is_settled, pulled = slow.settle_and_pull(
+        [contested], [("results", b"result")], None, [QUEUE], 1
+    )
+
+    assert is_settled is False
+    assert pulled == []
+    assert fast.depth("results") == 0
+    (waiting,) = fast.pull([QUEUE], 5, timeout_s=0)
+    assert waiting.body == b"waiting"
+    fast.ack([*taken, waiting])
+    assert fast.depth(QUEUE) == 0
+
+
 def settle_until_killed(path: str, paused: multiprocessing.Event) -> None:
     """Pull 3 messages and settle them, pausing for good halfway.
 
