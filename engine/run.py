@@ -57,6 +57,10 @@ MAX_WORKER_RESTARTS = 3
 # How long past its drain timeout the worker may take to exit before the run
 # kills it: the worker needs a moment to kill its own nodes and report.
 WORKER_EXIT_GRACE_S = 10.0
+# A second interrupt this soon after the first counts as the same one. A
+# signal sent to a process and then to its process group, as `timeout` sends
+# it, arrives twice, and would otherwise kill the nodes instead of draining.
+REPEAT_INTERRUPT_MIN_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +127,7 @@ class LocalRun:
         self.display = display or ProgressDisplay(f"pipeline {self.pipeline.name}")
         self.hold = hold
         self.interrupts = 0
+        self.first_interrupt_at = 0.0
         self.worker: subprocess.Popen | None = None
         self.master: Master | None = None
 
@@ -336,12 +341,20 @@ class LocalRun:
             logger.info(message)
             self.display.print(message)
         logger.info(
-            "resuming pipeline %s with the %d items left in the stream",
+            "resuming pipeline %s with the %d messages left in the stream",
             self.pipeline.name,
             leftover,
         )
 
     def _on_interrupt(self, signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if self.interrupts == 0:
+            self.first_interrupt_at = now
+        elif (
+            self.interrupts == 1
+            and now - self.first_interrupt_at < REPEAT_INTERRUPT_MIN_S
+        ):
+            return
         self.interrupts += 1
 
     def _watch(self, stream: Any) -> str:

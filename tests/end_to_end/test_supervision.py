@@ -1378,6 +1378,37 @@ def test_sigterm_drains_like_ctrl_c(tmp_path, write_pipeline) -> None:
     assert sorted(written) == list(range(300))
 
 
+def test_doubled_sigterm_still_drains(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(SLOW_SOURCE)
+    output = tmp_path / "out.jsonl"
+    process = subprocess.Popen(
+        [engine_command(), "run", str(pipeline), "-p", "count=300"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: output.exists() and len(output.read_text().splitlines()) >= 20,
+            timeout_s=60,
+            what="20 items written by the sink",
+        )
+        # As `timeout` does: once to the process, once to its process group.
+        # The pause keeps the kernel from merging the two into one.
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        stdout, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    assert process.returncode == 130
+    assert "interrupted: draining nodes" in stdout
+    assert "interrupted again" not in stdout
+
+
 UNENCODABLE = """
 from engine import Pipeline
 
