@@ -263,8 +263,10 @@ class NodeSupervisionMixin:
                 )
             else:
                 node.last_error = f"node process exited ({exit_text})"
-            self._count_crash(node, exit_text)
-            self._restart_or_give_up(node, process.exitcode, recovered)
+            is_repeated = self._count_crash(node, exit_text)
+            self._restart_or_give_up(
+                node, process.exitcode, recovered, is_budgeted=not is_repeated
+            )
 
     def _kill_orphan(self, node: ManagedNode, pid: int) -> None:
         """Kill a node process that outlived its forkserver.
@@ -291,12 +293,17 @@ class NodeSupervisionMixin:
             "node %s pid=%d outlived its forkserver; killed it", node.node_id, pid
         )
 
-    def _count_crash(self, node: ManagedNode, exit_text: str) -> None:
-        """Count a death against the item that was in flight, if any."""
+    def _count_crash(self, node: ManagedNode, exit_text: str) -> bool:
+        """Count a death against the item that was in flight, if any.
+
+        Returns True when that item had killed a process of this node type
+        before: it goes to the fail queue after `retries + 1` deaths, so its
+        further deaths are bounded without the restart budget.
+        """
         item_id = node.in_flight.value.decode("utf-8", "replace")
         node.in_flight.value = b""
         if not item_id:
-            return
+            return False
         counts = self.crash_counts.setdefault(node.node_type, {})
         counts[item_id] = counts.get(item_id, 0) + 1
         node.last_crash = exit_text
@@ -307,7 +314,8 @@ class NodeSupervisionMixin:
                 node.node_id,
                 exit_text,
             )
-            return
+            # Every batch may kill a process, so these deaths stay budgeted.
+            return False
         logger.warning(
             "node %s died (%s) while processing item %s; deaths with this item: %d",
             node.node_id,
@@ -315,10 +323,23 @@ class NodeSupervisionMixin:
             item_id,
             counts[item_id],
         )
+        return counts[item_id] > 1
 
     def _restart_or_give_up(
-        self, node: ManagedNode, exitcode: int | None, recovered: int
+        self,
+        node: ManagedNode,
+        exitcode: int | None,
+        recovered: int,
+        is_budgeted: bool = True,
     ) -> None:
+        """Restart a crashed node process with backoff, or fail the node.
+
+        A restart that `is_budgeted` counts against the node's budget of
+        `max_restarts` within `restart_window_s`. The others, after a death
+        with an item that killed a process before, restart without counting,
+        so that a few poison items reach the fail queue instead of failing
+        the node.
+        """
         settings = node.header.settings
         max_restarts = int(settings.get("max_restarts", 5))
         window_s = float(settings.get("restart_window_s", 60.0))
@@ -326,7 +347,7 @@ class NodeSupervisionMixin:
         while node.restart_times and now - node.restart_times[0] > window_s:
             node.restart_times.popleft()
 
-        if len(node.restart_times) >= max_restarts:
+        if is_budgeted and len(node.restart_times) >= max_restarts:
             logger.error(
                 "node %s failed: %d restarts within %.0f s; giving up. Last error: %s",
                 node.node_id,
@@ -350,19 +371,24 @@ class NodeSupervisionMixin:
         backoff_s = min(
             RESTART_BACKOFF_S * 2 ** len(node.restart_times), MAX_RESTART_BACKOFF_S
         )
-        node.restart_times.append(now)
+        if is_budgeted:
+            node.restart_times.append(now)
+            budget = (
+                f"restart {len(node.restart_times)} of {max_restarts} in "
+                f"{window_s:.0f} s"
+            )
+        else:
+            budget = "not counted against the restart budget: a repeated poison item"
         node.restarts += 1
         node.restart_at = now + backoff_s
         node.state = NodeState.RESTARTING
         logger.warning(
-            "node %s exited (%s); restarting in %.1f s (restart %d of %d in %.0f s); "
+            "node %s exited (%s); restarting in %.1f s (%s); "
             "%d pulled messages made visible again",
             node.node_id,
             _describe_exit(exitcode),
             backoff_s,
-            len(node.restart_times),
-            max_restarts,
-            window_s,
+            budget,
             recovered,
         )
         self._send_exited(node, exitcode, restart_in_s=backoff_s)

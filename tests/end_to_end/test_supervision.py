@@ -1640,3 +1640,60 @@ def test_locked_stream_keeps_worker_alive(tmp_path, write_pipeline) -> None:
     assert "lost: silent" not in output
     written = sorted(int(n) for n in (tmp_path / "out.jsonl").read_text().split())
     assert written == list(range(20))
+
+
+# Three poison items with retries=1 kill six processes, more than the
+# restart budget of 5, and one item in ten of `every` kills its process.
+POISONS = """
+import os
+import signal
+
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("poisons", params={"output": "out.jsonl", "every": 0})
+
+
+@pipeline.source()
+def numbers():
+    yield from range(60)
+
+
+@pipeline.transform(after="numbers", batch_size=10, retries=1)
+def fragile(number, ctx):
+    every = ctx.params["every"]
+    if number in (13, 27, 41) or (every and number % every == 0):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return number
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="fragile")
+"""
+
+
+def test_poison_items_spare_restart_budget(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(POISONS)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path, timeout_s=120)
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output
+    written = sorted(int(n) for n in (tmp_path / "out.jsonl").read_text().split())
+    assert written == [n for n in range(60) if n not in (13, 27, 41)]
+    assert "not counted against the restart budget" in output
+    listed = run_engine("fail-queue", "list", "poisons.fragile", cwd=tmp_path)
+    for item in ("numbers:13", "numbers:27", "numbers:41"):
+        assert f"{item}  attempts=2  NodeProcessDiedError" in listed.stdout
+
+
+def test_crash_on_every_item_fails_node(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(POISONS)
+
+    result = run_engine(
+        "run", str(pipeline), "-p", "every=2", cwd=tmp_path, timeout_s=120
+    )
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 4, output
+    assert "giving up" in output
+    assert re.search(r"fragile\s+failed", result.stdout)
