@@ -243,7 +243,15 @@ class NodeSupervisionMixin:
                     reason=outcome[1],
                 )
             )
-        elif kind == "recycle" and not self.is_shutting_down:
+        elif kind == "recycle" and is_stopping:
+            # It settled its batch before it exited, as a drain would.
+            logger.info(
+                "node %s stopped: it was due for recycling (%s) while stopping",
+                node.node_id,
+                outcome[1],
+            )
+            self._finish(node, NodeState.STOPPED, ("stopped", self._stats(node)))
+        elif kind == "recycle":
             logger.info("node %s recycled: %s", node.node_id, outcome[1])
             self._launch(node)
         elif is_stopping:

@@ -1697,3 +1697,64 @@ def test_crash_on_every_item_fails_node(tmp_path, write_pipeline) -> None:
     assert result.returncode == 4, output
     assert "giving up" in output
     assert re.search(r"fragile\s+failed", result.stdout)
+
+
+# A transform recycled after every batch, with a backlog, so that a drain
+# finds it in the middle of a batch.
+RECYCLED_SLOW = """
+import time
+
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("recycled", params={"output": "out.jsonl"})
+
+
+@pipeline.source(batch_size=50)
+def numbers():
+    yield from range(400)
+
+
+@pipeline.transform(after="numbers", batch_size=5, max_memory_bytes=1)
+def slow(number):
+    time.sleep(0.02)
+    return number
+
+
+pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="slow")
+"""
+
+
+def test_recycle_during_drain_stops_node(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(RECYCLED_SLOW)
+    output = tmp_path / "out.jsonl"
+    process = subprocess.Popen(
+        [engine_command(), "run", str(pipeline)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: output.exists() and len(output.read_text().splitlines()) >= 20,
+            timeout_s=60,
+            what="20 items written by the sink",
+        )
+        process.send_signal(signal.SIGINT)
+        log, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+    assert process.returncode == 130, log
+    assert "due for recycling" in log
+    assert "exited while draining" not in log
+    written = [int(n) for n in output.read_text().split()]
+    pending = queued_items(
+        tmp_path / ".monomyth" / "recycled.db",
+        ["recycled.numbers-to-slow", "recycled.slow-to-write"],
+    )
+    assert len(set(written)) == len(written)
+    assert len(written) + pending == 400
