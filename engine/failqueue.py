@@ -285,11 +285,11 @@ def _echo_skipped(pickled_count: int, source_ids: list[str]) -> None:
             err=True,
         )
     if source_ids:
-        shown = ", ".join(source_ids[:5])
+        first_ids = ", ".join(source_ids[:5])
         more = f" and {len(source_ids) - 5} more" if len(source_ids) > 5 else ""
         click.echo(
             f"skipped {len(source_ids)} items that failed in a source, which has "
-            f"no input queue to replay to: {shown}{more}",
+            f"no input queue to replay to: {first_ids}{more}",
             err=True,
         )
 
