@@ -232,11 +232,15 @@ class BatchMixin:
         staged: _Batch,
         parent: dict[str, Any] | None,
     ) -> None:
-        """Encode `results` for the edges that the route and filters choose."""
+        """Encode `results` for the edges that the route and filters choose.
+
+        Only the results that go to at least one edge count as published.
+        """
         serializer = self.recipe.serializer
         fixed_queues = self._fixed_queues()
         name = self.spec.name
         outgoing = staged.outgoing
+        published = 0
         for index, result in enumerate(results):
             if parent is None:
                 item_id = parent_id
@@ -245,10 +249,14 @@ class BatchMixin:
             body = encode({"id": item_id, "attempt": 1, "payload": result}, serializer)
             if fixed_queues is not None:
                 outgoing.extend((queue, body) for queue in fixed_queues)
+                published += 1
                 continue
-            for output in self._choose_outputs(result):
+            outputs = self._choose_outputs(result)
+            for output in outputs:
                 outgoing.append((output.queue, body))
-        staged.results += len(results)
+            if outputs:
+                published += 1
+        staged.results += published
 
     def _fixed_queues(self) -> tuple[str, ...] | None:
         """Return the queues of every result, or None when a route or filter chooses."""

@@ -230,3 +230,58 @@ def test_source_returning_value_warns(tmp_path: Path, write_pipeline) -> None:
     assert result.returncode == 0, output
     assert "source returning.numbers#1 returned list from its generator" in output
     assert "yield the items instead" in output
+
+
+# A route that drops the multiples of 3, and an edge filter that passes
+# only the even results of "half" on to the sink.
+DROPPING = """
+from engine import Pipeline, param
+from nodes import JsonLinesSink
+
+pipeline = Pipeline("dropping", params={"output": "out.jsonl"})
+
+
+def keep_some(number):
+    return None if number % 3 == 0 else "half"
+
+
+@pipeline.source(route=keep_some)
+def numbers():
+    yield from range(30)
+
+
+@pipeline.transform(after="numbers")
+def half(number):
+    return number
+
+
+pipeline.add(
+    "sink",
+    "write",
+    JsonLinesSink(path=param("output")),
+    after={"half": lambda number: number % 2 == 0},
+)
+"""
+
+
+def summary_counts(stdout: str, node: str) -> tuple[int, int]:
+    """Return the in and out columns of `node` in the run summary."""
+    for line in stdout.splitlines():
+        fields = line.split()
+        if fields[:1] == [node]:
+            return int(fields[2].replace(",", "")), int(fields[3].replace(",", ""))
+    raise AssertionError(f"no summary row for {node!r} in: {stdout}")
+
+
+def test_dropped_results_not_counted_out(tmp_path: Path, write_pipeline) -> None:
+    pipeline = write_pipeline(DROPPING)
+
+    result = run_engine("run", str(pipeline), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    kept = [n for n in range(30) if n % 3 != 0]
+    written = sorted(read_lines(tmp_path / "out.jsonl"))
+    assert written == [n for n in kept if n % 2 == 0]
+    assert summary_counts(result.stdout, "numbers") == (0, len(kept))
+    assert summary_counts(result.stdout, "half") == (len(kept), len(written))
+    assert summary_counts(result.stdout, "write") == (len(written), 0)
