@@ -1699,15 +1699,17 @@ def test_crash_on_every_item_fails_node(tmp_path, write_pipeline) -> None:
     assert re.search(r"fragile\s+failed", result.stdout)
 
 
-# A transform recycled after every batch, with a backlog, so that a drain
-# finds it in the middle of a batch.
+# A transform recycled after every batch. It marks the start of each item
+# in `started` and then takes 0.2 s, so that a drain started right after a
+# new mark finds it in the middle of a batch.
 RECYCLED_SLOW = """
 import time
+from pathlib import Path
 
 from engine import Pipeline, param
 from nodes import JsonLinesSink
 
-pipeline = Pipeline("recycled", params={"output": "out.jsonl"})
+pipeline = Pipeline("recycled", params={"output": "out.jsonl", "started": ""})
 
 
 @pipeline.source(batch_size=50)
@@ -1716,8 +1718,9 @@ def numbers():
 
 
 @pipeline.transform(after="numbers", batch_size=5, max_memory_bytes=1)
-def slow(number):
-    time.sleep(0.02)
+def slow(number, ctx):
+    Path(ctx.params["started"]).write_text(str(number))
+    time.sleep(0.2)
     return number
 
 
@@ -1728,8 +1731,9 @@ pipeline.add("sink", "write", JsonLinesSink(path=param("output")), after="slow")
 def test_recycle_during_drain_stops_node(tmp_path, write_pipeline) -> None:
     pipeline = write_pipeline(RECYCLED_SLOW)
     output = tmp_path / "out.jsonl"
+    started = tmp_path / "started"
     process = subprocess.Popen(
-        [engine_command(), "run", str(pipeline)],
+        [engine_command(), "run", str(pipeline), "-p", f"started={started}"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -1737,9 +1741,15 @@ def test_recycle_during_drain_stops_node(tmp_path, write_pipeline) -> None:
     )
     try:
         wait_for(
-            lambda: output.exists() and len(output.read_text().splitlines()) >= 20,
+            lambda: output.exists() and len(output.read_text().splitlines()) >= 5,
             timeout_s=60,
-            what="20 items written by the sink",
+            what="5 items written by the sink",
+        )
+        mark = started.read_text()
+        wait_for(
+            lambda: started.read_text() != mark,
+            timeout_s=60,
+            what="the transform to start another item",
         )
         process.send_signal(signal.SIGINT)
         log, _ = process.communicate(timeout=60)
