@@ -123,9 +123,6 @@ class BatchMixin:
         items of an edge keep their order.
         """
         sizes = self._pack_sizes
-        if not sizes:
-            for output in self.recipe.outputs:
-                sizes[output.queue] = output.batch_size
         packed: list[tuple[str, bytes]] = []
         bodies: dict[str, list[bytes]] = {}
         for queue, body in messages:
@@ -237,7 +234,7 @@ class BatchMixin:
         Only the results that go to at least one edge count as published.
         """
         serializer = self.recipe.serializer
-        fixed_queues = self._fixed_queues()
+        fixed_queues = self._fixed_queues
         name = self.spec.name
         outgoing = staged.outgoing
         published = 0
@@ -257,18 +254,6 @@ class BatchMixin:
             if outputs:
                 published += 1
         staged.results += published
-
-    def _fixed_queues(self) -> tuple[str, ...] | None:
-        """Return the queues of every result, or None when a route or filter chooses."""
-        if self._fixed is None:
-            outputs = self.recipe.outputs
-            is_fixed = self.spec.route is None and all(
-                output.when is None for output in outputs
-            )
-            self._fixed = (
-                tuple(output.queue for output in outputs) if is_fixed else False
-            )
-        return self._fixed or None
 
     def _choose_outputs(self, result: Any) -> list[Output]:
         outputs = self.recipe.outputs

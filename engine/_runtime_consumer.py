@@ -132,11 +132,8 @@ class ConsumerMixin:
             requested = max(1, (max_items - sum(sizes)) // self._items_per_message)
             remaining_s = max(0.0, deadline - time.monotonic())
             pulled = self.stream.pull(queues, requested, remaining_s)
-            pulled_sizes = [self._decode_for_count(delivery) for delivery in pulled]
             deliveries.extend(pulled)
-            sizes.extend(pulled_sizes)
-            if pulled_sizes:
-                self._items_per_message = max(pulled_sizes)
+            sizes.extend(self._decode_pulled(pulled))
             if len(pulled) < requested:
                 # A pull waits until it has every requested message, so it
                 # timed out, or found the queues empty at timeout 0.
@@ -183,9 +180,7 @@ class ConsumerMixin:
         is_settled, pulled = settle_and_pull(
             deliveries, messages, delayed, list(self.recipe.input_queues), requested
         )
-        sizes = [self._decode_for_count(delivery) for delivery in pulled]
-        if sizes:
-            self._items_per_message = max(sizes)
+        sizes = self._decode_pulled(pulled)
         self._return_surplus(pulled, sizes, batch_size, 1)
         self._prefetched = pulled
         return is_settled
@@ -195,6 +190,17 @@ class ConsumerMixin:
         prefetched = self._prefetched
         self._prefetched = []
         return prefetched
+
+    def _decode_pulled(self, pulled: list[Delivery]) -> list[int]:
+        """Decode pulled messages and return their item counts.
+
+        The largest count becomes the estimate of items per message that
+        the next pull sizes its request by.
+        """
+        sizes = [self._decode_for_count(delivery) for delivery in pulled]
+        if sizes:
+            self._items_per_message = max(sizes)
+        return sizes
 
     def _decode_for_count(self, delivery: Delivery) -> int:
         """Decode a pulled message for `_process_batch`; return its item count."""

@@ -95,11 +95,7 @@ def encode(envelope: dict[str, Any], serializer: str) -> bytes:
 
 def decode(body: bytes, serializer: str) -> dict[str, Any]:
     """Decode a message body into an envelope; raises `DecodingError`."""
-    _check_serializer(serializer)
-    try:
-        envelope = pickle.loads(body) if serializer == "pickle" else _loads(body)
-    except Exception as exc:
-        raise DecodingError(f"message is not a valid {serializer} item: {exc}") from exc
+    envelope = _load(body, serializer)
     if not isinstance(envelope, dict) or "payload" not in envelope:
         raise DecodingError(
             f"message is not an item envelope: {body[:80]!r}; only the engine "
@@ -128,13 +124,9 @@ def unpack(body: bytes, serializer: str) -> list[dict[str, Any]]:
     Raises `DecodingError` when the body, or any envelope of a pack, is not
     valid: a pack is decoded whole or not at all.
     """
-    _check_serializer(serializer)
-    try:
-        value = pickle.loads(body) if serializer == "pickle" else _loads(body)
-        if serializer == "pickle" and isinstance(value, list):
-            value = [pickle.loads(part) for part in value]
-    except Exception as exc:
-        raise DecodingError(f"message is not a valid {serializer} item: {exc}") from exc
+    value = _load(body, serializer)
+    if serializer == "pickle" and isinstance(value, list):
+        value = [_load(part, serializer) for part in value]
     envelopes = value if isinstance(value, list) else [value]
     for envelope in envelopes:
         if not isinstance(envelope, dict) or "payload" not in envelope:
@@ -149,6 +141,15 @@ def unpack(body: bytes, serializer: str) -> list[dict[str, Any]]:
             "pipeline's queues"
         )
     return envelopes
+
+
+def _load(body: bytes, serializer: str) -> Any:
+    """Decode `body` with `serializer`; raises `DecodingError` when it is invalid."""
+    _check_serializer(serializer)
+    try:
+        return pickle.loads(body) if serializer == "pickle" else _loads(body)
+    except Exception as exc:
+        raise DecodingError(f"message is not a valid {serializer} item: {exc}") from exc
 
 
 def _loads(body: bytes) -> Any:

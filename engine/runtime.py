@@ -291,11 +291,19 @@ class NodeRunner(SourceMixin, ConsumerMixin, BatchMixin, FailureMixin, CountersM
         self.stream: Stream | None = None
         # Items of a source that an earlier process of it published.
         self.skip_count = 0
-        # The output queues of every result when no route or filter chooses
-        # among them, False when one does, None until known.
-        self._fixed: tuple[str, ...] | bool | None = None
-        # The batch size of the target of each output queue, once known.
-        self._pack_sizes: dict[str, int] = {}
+        # The queues that every result goes to, or None when a route or an
+        # edge filter chooses them per result.
+        is_chosen = self.spec.route is not None or any(
+            output.when is not None for output in recipe.outputs
+        )
+        self._fixed_queues: tuple[str, ...] | None = (
+            None if is_chosen else tuple(output.queue for output in recipe.outputs)
+        )
+        # The batch size of the target of each output queue, which is the max
+        # items of one message on that queue.
+        self._pack_sizes = {
+            output.queue: output.batch_size for output in recipe.outputs
+        }
         # The envelopes of pulled messages, by delivery id, decoded by the
         # pull to count their items.
         self._unpacked: dict[int | str, list[dict[str, Any]]] = {}
