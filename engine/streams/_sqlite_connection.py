@@ -32,7 +32,7 @@ BUSY_TIMEOUT_S = 5.0
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 # A write that waits this long for the write gate logs a warning, because a
-# write transaction of the stream holds the gate for about a millisecond or
+# write transaction of the stream keeps the gate for about a millisecond or
 # less.
 GATE_WARNING_S = 5.0
 

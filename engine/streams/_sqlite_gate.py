@@ -18,21 +18,17 @@ A process that dies, even by SIGKILL, releases the gate with its file.
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 import threading
 
 from engine.errors import StreamError
 
-# The public module's logger, so that one name covers every part of the stream.
-logger = logging.getLogger("engine.streams.sqlite")
-
 
 class WriteGate:
     """An exclusive lock on `<database>-lock`, taken with a bounded wait.
 
-    One process uses a gate from one thread at a time; `SQLiteStream`
-    serializes its calls.
+    A gate is used from one thread at a time, which `SQLiteStream` ensures
+    by serializing its calls.
     """
 
     def __init__(self, database: str) -> None:
@@ -57,7 +53,7 @@ class WriteGate:
         self._helper: threading.Thread | None = None
 
     def acquire(self, timeout_s: float) -> bool:
-        """Take the gate; return False if it stayed taken for `timeout_s` seconds."""
+        """Take the gate, or return False if it stayed taken for `timeout_s` seconds."""
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
@@ -88,7 +84,7 @@ class WriteGate:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        """Close the lock file; a helper still waiting closes it when it wakes."""
+        """Close the lock file, or let a helper that still waits close it later."""
         with self._mutex:
             if self._is_closed:
                 return

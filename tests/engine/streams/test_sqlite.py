@@ -407,8 +407,8 @@ def test_settle_and_pull_takes_next_batch(open_sqlite: OpenSQLite) -> None:
     assert is_settled is True
     assert [delivery.body for delivery in pulled] == [b"second"]
     assert other.depth("results") == 1
-    # The pulled message is leased to the node: the other stream sees only
-    # the third, and the depth counts both.
+    # The pulled message is leased to the node, so the other stream can pull
+    # only the third, but the depth counts both.
     assert other.depth(QUEUE) == 2
     (third,) = other.pull([QUEUE], 5, timeout_s=0)
     assert third.body == b"third"
