@@ -526,8 +526,15 @@ def lock_stream(stream_url: str, pipeline: str) -> Any:
     if path is None:
         return None
     lock_path = path.with_name(f"{path.name}.{pipeline}.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock_file = lock_path.open("a+")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = lock_path.open("a+")
+    except OSError as exc:
+        raise EngineError(
+            f"cannot create the run lock {str(lock_path)!r} beside the stream "
+            f"{redact_url(stream_url)}: {exc.strerror}; pass a --stream whose "
+            "folder can be created and written"
+        ) from None
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

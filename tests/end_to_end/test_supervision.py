@@ -1768,3 +1768,16 @@ def test_recycle_during_drain_stops_node(tmp_path, write_pipeline) -> None:
     )
     assert len(set(written)) == len(written)
     assert len(written) + pending == 400
+
+
+def test_stream_in_file_path_fails_clearly(tmp_path, write_pipeline) -> None:
+    pipeline = write_pipeline(POISON)
+    (tmp_path / "notafolder").write_text("")
+
+    result = run_engine(
+        "run", str(pipeline), "--stream", "sqlite:///notafolder/s.db", cwd=tmp_path
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "cannot create the run lock 'notafolder/s.db.poison.lock'" in result.stderr
